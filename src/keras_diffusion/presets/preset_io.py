@@ -1,0 +1,209 @@
+"""Reading and writing keras_diffusion presets.
+
+A preset is a folder:
+
+    config.json          the backbone, `registered_name` `keras_diffusion>...`
+    task.json            the task's own config (no backbone/preprocessor inside)
+    preprocessor.json    the preprocessor, tokenizers nested in its config
+    metadata.json        versions, parameter count, date
+    model.weights.h5     backbone weights (or model.weights.json + shards)
+    assets/<name>/...    tokenizer files, one folder per preprocessor tokenizer
+
+Saving is atomic: everything is written to a temporary sibling folder, which
+then replaces the target with renames. Loading only instantiates registered
+classes (see `serialization`).
+"""
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy)
+import numpy as np
+
+from keras_diffusion.presets import serialization
+from keras_diffusion.version import __version__
+
+CONFIG_FILE = "config.json"
+TASK_FILE = "task.json"
+PREPROCESSOR_FILE = "preprocessor.json"
+METADATA_FILE = "metadata.json"
+WEIGHTS_FILE = "model.weights.h5"
+SHARDED_WEIGHTS_FILE = "model.weights.json"
+ASSETS_DIR = "assets"
+# Shard above this many bytes of weights (Keras takes the shard size in GB).
+SHARD_THRESHOLD_BYTES = 4 * 1024**3
+SHARD_SIZE_GB = 2.0
+
+
+def is_preset(path):
+    """Every preset this library writes has a metadata.json."""
+    return os.path.isfile(os.path.join(path, METADATA_FILE))
+
+
+def _write_json(path, data):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _weights_bytes(model):
+    total = 0
+    for v in model.weights:
+        itemsize = np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+        total += int(np.prod(v.shape)) * itemsize
+    return total
+
+
+def _parameter_count(model):
+    return int(sum(int(np.prod(v.shape)) for v in model.weights))
+
+
+def save_preset(preset_dir, backbone=None, preprocessor=None, task=None):
+    """Write a preset folder atomically.
+
+    `backbone` (with weights), `preprocessor` (with assets) and `task` (its own
+    config) are each optional, but at least one must be given. A target that
+    exists must be an earlier preset or an empty folder.
+    """
+    preset_dir = os.path.abspath(os.fspath(preset_dir))
+    if os.path.exists(preset_dir):
+        if not os.path.isdir(preset_dir):
+            raise ValueError(f"Cannot save a preset to {preset_dir!r}: it is a file.")
+        if os.listdir(preset_dir) and not is_preset(preset_dir):
+            raise ValueError(
+                f"Refusing to save a preset into {preset_dir!r}: the folder is not "
+                "empty and does not hold a keras_diffusion preset."
+            )
+    parent = os.path.dirname(preset_dir)
+    os.makedirs(parent, exist_ok=True)
+    base = os.path.basename(preset_dir)
+    staging = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
+    try:
+        _write_preset_files(staging, backbone, preprocessor, task)
+        _replace_folder(staging, preset_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_preset_files(folder, backbone, preprocessor, task):
+    metadata = {
+        "keras_version": keras.__version__,
+        "keras_diffusion_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    if backbone is not None:
+        _write_json(
+            os.path.join(folder, CONFIG_FILE), serialization.serialize(backbone)
+        )
+        metadata["parameter_count"] = _parameter_count(backbone)
+        metadata["backbone"] = serialization.serialize(backbone)["registered_name"]
+        if _weights_bytes(backbone) > SHARD_THRESHOLD_BYTES:
+            backbone.save_weights(
+                os.path.join(folder, SHARDED_WEIGHTS_FILE), max_shard_size=SHARD_SIZE_GB
+            )
+        else:
+            backbone.save_weights(os.path.join(folder, WEIGHTS_FILE))
+    if preprocessor is not None:
+        _write_json(
+            os.path.join(folder, PREPROCESSOR_FILE),
+            serialization.serialize(preprocessor),
+        )
+        preprocessor.save_assets(os.path.join(folder, ASSETS_DIR))
+    if task is not None:
+        _write_json(os.path.join(folder, TASK_FILE), task.serialize_task_config())
+    _write_json(os.path.join(folder, METADATA_FILE), metadata)
+
+
+def _replace_folder(staging, target):
+    """Move `staging` to `target`; an existing `target` survives any failure."""
+    if not os.path.exists(target):
+        os.rename(staging, target)
+        return
+    parent, base = os.path.split(target)
+    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+    os.rmdir(old)
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class PresetFolder:
+    """A local keras_diffusion preset folder, read lazily and checked."""
+
+    def __init__(self, path, handle=None):
+        self.path = os.fspath(path)
+        self.handle = handle or self.path
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"Preset folder {self.path!r} does not exist.")
+
+    def file(self, name):
+        path = os.path.join(self.path, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"Preset {self.handle!r} is missing the file {name!r} "
+                f"(looked in {self.path})."
+            )
+        return path
+
+    def has(self, name):
+        return os.path.exists(os.path.join(self.path, name))
+
+    def json(self, name):
+        path = self.file(name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"Preset {self.handle!r} has a corrupt {name!r}: {e}"
+            ) from e
+
+    def backbone_class(self, expected_base):
+        config = self.json(CONFIG_FILE)
+        return serialization.registered_class(
+            config.get("registered_name"), expected_base, f"{self.handle}/{CONFIG_FILE}"
+        )
+
+    def load_backbone(self, expected_base, load_weights=True, dtype=None):
+        overrides = {} if dtype is None else {"dtype": dtype}
+        backbone = serialization.deserialize(
+            self.json(CONFIG_FILE),
+            expected_base,
+            source=f"{self.handle}/{CONFIG_FILE}",
+            **overrides,
+        )
+        if load_weights:
+            self.load_weights(backbone)
+        return backbone
+
+    def load_weights(self, backbone):
+        name = SHARDED_WEIGHTS_FILE if self.has(SHARDED_WEIGHTS_FILE) else WEIGHTS_FILE
+        path = self.file(name)
+        try:
+            backbone.load_weights(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(
+                f"Could not load weights from {name!r} of preset {self.handle!r}: {e}"
+            ) from e
+
+    def load_preprocessor(self, expected_base, **overrides):
+        preprocessor = serialization.deserialize(
+            self.json(PREPROCESSOR_FILE),
+            expected_base,
+            source=f"{self.handle}/{PREPROCESSOR_FILE}",
+            **overrides,
+        )
+        preprocessor.load_assets(os.path.join(self.path, ASSETS_DIR), self.handle)
+        return preprocessor
+
+    def task_config(self):
+        return self.json(TASK_FILE) if self.has(TASK_FILE) else None
