@@ -1,19 +1,9 @@
 #!/usr/bin/env bash
-# Set up .venv with pinned versions (once), then run the suite on jax,
+# Set up .venv with pinned versions (once), lint, then run the suite on jax,
 # tensorflow and torch. Usage: bash tools/run_tests.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-if [ ! -x .venv/bin/python ] || ! cmp -s requirements/ci.txt .venv/.ci-requirements; then
-  python3 -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements/ci.txt
-  # open_clip ships the real CLIP BPE merges used by the tokenizer parity tests;
-  # without --no-deps it would pull torchvision, which breaks torch 2.13.
-  .venv/bin/python -m pip install -q --no-deps open_clip_torch==3.3.0
-  .venv/bin/python -m pip install -q --no-deps -e .
-  cp requirements/ci.txt .venv/.ci-requirements
-fi
+source tools/setup_env.sh
 
 .venv/bin/python -m ruff check src tests tools benchmarks
 status=0

@@ -1,5 +1,7 @@
 """Base class for image-to-image tasks, with the one generate pipeline."""
 
+import sys
+
 import keras
 import numpy as np
 
@@ -122,8 +124,9 @@ class ImageToImage(Task):
             seed: optional int seeding all the noise of the call.
             **options: `height`, `width` (multiples of 16), `noise` and
                 `posterior_noise` (arrays of the latent batch shape, replacing
-                the drawn noise), `verbose` (progress bar) and `callback`
-                (called as `callback(step, num_steps, latents)`).
+                the drawn noise), `verbose` (a progress bar; on by default in
+                interactive use) and `callback` (called as
+                `callback(step, num_steps, latents)`).
 
         Returns:
             uint8 images of shape (batch, height, width, 3), or
@@ -168,6 +171,7 @@ class ImageToImage(Task):
         height = options.get("height", defaults.get("height", height))
         width = options.get("width", defaults.get("width", width))
         callback = options.get("callback")
+        verbose = options.get("verbose")
         if callback is not None and not callable(callback):
             raise TypeError(f"`callback` must be callable; got {callback!r}.")
         if seed is not None:
@@ -183,7 +187,7 @@ class ImageToImage(Task):
             width=gi.check_size(width, "width", self.resolution_multiple),
             noise=options.get("noise"),
             posterior_noise=options.get("posterior_noise"),
-            verbose=bool(options.get("verbose", False)),
+            verbose=_interactive() if verbose is None else bool(verbose),
             callback=callback,
         )
 
@@ -247,6 +251,11 @@ class ImageToImage(Task):
             images, (height, width), interpolation="bicubic", antialias=True
         )
         return np.clip(keras.ops.convert_to_numpy(resized), -1.0, 1.0)
+
+
+def _interactive():
+    """Progress bars default on in a notebook or terminal, off in scripts' logs."""
+    return hasattr(sys, "ps1") or "ipykernel" in sys.modules or sys.stdout.isatty()
 
 
 def _decode_strings(value):

@@ -22,6 +22,7 @@ class Tokenizer:
     """
 
     asset_files = ()
+    sequence_length = None  # set by subclasses: the fixed output length
 
     def __call__(self, inputs):
         return self.tokenize(validate_prompts(inputs, "inputs"))
@@ -30,16 +31,20 @@ class Tokenizer:
         raise NotImplementedError  # abstract hook
 
     def tf_tokenize(self, prompts):
-        """Tokenize a `tf.string` tensor inside a `tf.data` pipeline."""
+        """Tokenize a `tf.string` tensor (scalar or batch) inside `tf.data`.
+
+        Returns int32 ids of shape `prompts.shape + (sequence_length,)`.
+        """
         import tensorflow as tf
 
         def _run(values):
             return self.tokenize([v.decode("utf-8") for v in values.reshape(-1)])
 
-        ids = tf.numpy_function(_run, [tf.reshape(prompts, [-1])], tf.int32)
-        batch = tf.shape(tf.reshape(prompts, [-1]))[0]
-        ids = tf.reshape(ids, [batch, self.sequence_length])
-        return ids
+        flat = tf.reshape(prompts, [-1])
+        ids = tf.numpy_function(_run, [flat], tf.int32)
+        return tf.reshape(
+            ids, tf.concat([tf.shape(prompts), [self.sequence_length]], 0)
+        )
 
     def get_config(self):
         return {}
@@ -62,6 +67,11 @@ class Tokenizer:
 
 def validate_prompts(prompts, name):
     """Return `prompts` as a list of str, or raise a clear TypeError."""
+    if isinstance(prompts, bytes):
+        prompts = prompts.decode("utf-8")
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 0:
+        prompts = prompts.item()
+        prompts = prompts.decode("utf-8") if isinstance(prompts, bytes) else prompts
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, np.ndarray):

@@ -82,6 +82,9 @@ def save_preset(preset_dir, backbone=None, preprocessor=None, task=None):
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(preset_dir)
     staging = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private (0700)
     try:
         _write_preset_files(staging, backbone, preprocessor, task)
         _replace_folder(staging, preset_dir)

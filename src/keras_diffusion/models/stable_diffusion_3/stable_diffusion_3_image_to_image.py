@@ -1,0 +1,170 @@
+"""`StableDiffusion3ImageToImage`: the SD3 hooks of the base generate recipe."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_diffusion.api_export import register
+from keras_diffusion.models.image_to_image import ImageToImage
+from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_backbone import (
+    StableDiffusion3Backbone,
+)
+from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_preprocessor import (
+    StableDiffusion3Preprocessor,
+)
+from keras_diffusion.samplers import flow_match
+from keras_diffusion.utils.backend import compile_function
+
+# Sigmas are padded to a multiple of this, so a new `num_steps` reuses the
+# compiled loop instead of tracing a new one.
+SIGMA_BUCKET = 64
+
+
+@register
+class StableDiffusion3ImageToImage(ImageToImage):
+    """Image-to-image with Stable Diffusion 3 / 3.5.
+
+    Runs diffusers' `StableDiffusion3Img2ImgPipeline` recipe: the VAE posterior
+    is sampled, shifted and scaled; it is noised to the strength-truncated
+    start of the flow-matching schedule; Euler steps with classifier-free
+    guidance (negative and positive halves as one batch) run to sigma 0; the
+    result is decoded. Every per-call value (sigmas, step range, guidance,
+    batch, resolution) is an argument of the compiled functions.
+
+    Args:
+        backbone: a `StableDiffusion3Backbone`.
+        preprocessor: a `StableDiffusion3Preprocessor`.
+        sampling: optional generate defaults (see `ImageToImage`).
+
+    Examples:
+    ```python
+    task = keras_diffusion.models.ImageToImage.from_preset("sd3_tiny_demo")
+    image = np.zeros((64, 64, 3), dtype="uint8")
+    out = task.generate(image, "a red circle on a blue background", seed=0)
+    ```
+    """
+
+    backbone_cls = StableDiffusion3Backbone
+    preprocessor_cls = StableDiffusion3Preprocessor
+
+    def __init__(self, backbone, preprocessor=None, sampling=None, **kwargs):
+        super().__init__(backbone, preprocessor, sampling, **kwargs)
+        self._compiled = {}
+
+    def _function(self, key, fn):
+        if key not in self._compiled:
+            self._compiled[key] = compile_function(fn, self.backbone.variables)
+        return self._compiled[key]
+
+    # ------------------------------------------------------------------ hooks
+    def default_resolution(self):
+        return (self.backbone.height, self.backbone.width)
+
+    def latent_shape(self, height, width):
+        f = self.backbone.downsample_factor
+        return (height // f, width // f, self.backbone.latent_channels)
+
+    def schedule(self, num_steps, strength):
+        sigmas = flow_match.sigmas(num_steps, shift=self.backbone.scheduler_shift)
+        return sigmas, flow_match.start_index(num_steps, strength)
+
+    def encode_text(self, prompts, negative_prompts, use_guidance):
+        if self.preprocessor is None:
+            raise ValueError("This task has no preprocessor; it cannot read prompts.")
+        texts = list(negative_prompts) + list(prompts) if use_guidance else prompts
+        ids = self.preprocessor.generate_preprocess(texts)
+        has_t5 = "t5" in ids and self.backbone.t5 is not None
+        encode = self._function(
+            ("encode_text", has_t5),
+            lambda *args: self.backbone.encode_text(*args),
+        )
+        args = [ids["clip_l"], ids["clip_g"]] + ([ids["t5"]] if has_t5 else [])
+        context, pooled = encode(*[ops.convert_to_tensor(a) for a in args])
+        return {"context": context, "pooled": pooled, "cfg": use_guidance}
+
+    def encode_image(self, images, posterior_noise):
+        def fn(images, noise):
+            mean, log_variance = self.backbone.encode_image(images)
+            return self.backbone.posterior_latents(mean, log_variance, noise)
+
+        return self._function(("encode_image",), fn)(
+            ops.convert_to_tensor(images, self.backbone.compute_dtype),
+            ops.convert_to_tensor(posterior_noise, "float32"),
+        )
+
+    def denoise(self, latents, noise, conditioning, sigmas, start_index, settings):
+        num_steps = len(sigmas) - 1
+        padded = np.zeros(
+            SIGMA_BUCKET * math.ceil(len(sigmas) / SIGMA_BUCKET), "float32"
+        )
+        padded[: len(sigmas)] = sigmas
+        cfg = conditioning["cfg"]
+        args = dict(
+            context=conditioning["context"],
+            pooled=conditioning["pooled"],
+            sigmas=ops.convert_to_tensor(padded),
+            guidance=ops.convert_to_tensor(np.float32(settings.guidance_scale)),
+        )
+        noise = ops.convert_to_tensor(noise, "float32")
+        if settings.verbose or settings.callback is not None:
+            return self._denoise_stepwise(
+                latents, noise, start_index, num_steps, cfg, args, settings
+            )
+        loop = self._function(("denoise_loop", cfg), self._loop_fn(cfg))
+        return loop(
+            latents,
+            noise,
+            args["context"],
+            args["pooled"],
+            args["sigmas"],
+            ops.convert_to_tensor(np.int32(start_index)),
+            ops.convert_to_tensor(np.int32(num_steps)),
+            args["guidance"],
+        )
+
+    def _loop_fn(self, cfg):
+        backbone = self.backbone
+
+        def loop(x0, noise, context, pooled, sigmas, start, end, guidance):
+            x = flow_match.add_noise(x0, noise, ops.take(sigmas, start))
+
+            def body(i, x):
+                sigma = ops.take(sigmas, i)
+                sigma_next = ops.take(sigmas, i + 1)
+                v = backbone.guided_velocity(x, context, pooled, sigma, guidance, cfg)
+                return flow_match.euler_step(x, v, sigma, sigma_next)
+
+            return ops.fori_loop(start, end, body, x)
+
+        return loop
+
+    def _denoise_stepwise(self, latents, noise, start, num_steps, cfg, args, settings):
+        backbone = self.backbone
+
+        def step(x, context, pooled, sigma, sigma_next, guidance):
+            v = backbone.guided_velocity(x, context, pooled, sigma, guidance, cfg)
+            return flow_match.euler_step(x, v, sigma, sigma_next)
+
+        step_fn = self._function(("denoise_step", cfg), step)
+        sigmas = args["sigmas"]
+        x = flow_match.add_noise(latents, noise, ops.take(sigmas, start))
+        progress = keras.utils.Progbar(num_steps - start) if settings.verbose else None
+        for n, i in enumerate(range(start, num_steps)):
+            x = step_fn(
+                x,
+                args["context"],
+                args["pooled"],
+                ops.take(sigmas, i),
+                ops.take(sigmas, i + 1),
+                args["guidance"],
+            )
+            if progress is not None:
+                progress.update(n + 1)
+            if settings.callback is not None:
+                settings.callback(i + 1, num_steps, x)
+        return x
+
+    def decode(self, latents):
+        return self._function(("decode",), self.backbone.decode)(latents)
