@@ -25,6 +25,7 @@ import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy)
 import numpy as np
 
 from keras_diffusion.presets import serialization
+from keras_diffusion.utils.backend import loading_weights
 from keras_diffusion.version import __version__
 
 CONFIG_FILE = "config.json"
@@ -178,13 +179,19 @@ class PresetFolder:
 
     def load_backbone(self, expected_base, load_weights=True, dtype=None):
         overrides = {} if dtype is None else {"dtype": dtype}
-        backbone = serialization.deserialize(
-            self.json(CONFIG_FILE),
-            expected_base,
-            source=f"{self.handle}/{CONFIG_FILE}",
-            **overrides,
-        )
-        if load_weights:
+
+        def build():
+            return serialization.deserialize(
+                self.json(CONFIG_FILE),
+                expected_base,
+                source=f"{self.handle}/{CONFIG_FILE}",
+                **overrides,
+            )
+
+        if not load_weights:
+            return build()
+        with loading_weights() as build_for_loading:
+            backbone = build_for_loading(build)
             self.load_weights(backbone)
         return backbone
 

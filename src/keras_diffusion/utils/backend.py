@@ -13,6 +13,8 @@ Everything `fn` receives must be an argument; it must not read per-call
 Python attributes, so one compiled function serves every later call.
 """
 
+import contextlib
+
 import keras
 
 
@@ -54,3 +56,44 @@ def compile_function(fn, variables, jit_compile=False):
         f"Unsupported Keras backend {backend!r}; keras_diffusion runs on jax, "
         "tensorflow and torch."
     )
+
+
+
+@contextlib.contextmanager
+def loading_weights():
+    """Build models whose every weight is about to be overwritten.
+
+    Yields `build(factory)`, which calls `factory()` and returns the model.
+    On jax, running the random initializers compiles one XLA program per
+    weight shape (seconds for an SD3 backbone, for values thrown away at
+    once), so there the model is built with Keras' deferred initialization:
+    its variables exist but hold nothing until the caller assigns them,
+    inside the `with` block. On leaving the block, any variable still
+    unassigned gets its initializer after all, so no model is left
+    half-built. Other backends initialize eagerly and cheaply; there
+    `build` just calls `factory`.
+
+        with loading_weights() as build:
+            backbone = build(lambda: cls(**config))
+            backbone.load_weights(path)
+    """
+    if backend_name() != "jax":
+        yield lambda factory: factory()
+        return
+    from keras.src.backend.common import global_state
+
+    key = "uninitialized_variables"
+    before = list(global_state.get_global_attribute(key) or [])
+
+    def build(factory):
+        with keras.StatelessScope(initialize_variables=False):
+            return factory()
+
+    try:
+        yield build
+    finally:
+        pending = global_state.get_global_attribute(key) or []
+        global_state.set_global_attribute(key, before)
+        for variable in pending:
+            if variable._value is None and not any(variable is b for b in before):
+                variable._deferred_initialize()
