@@ -94,28 +94,37 @@ def test_strength_zero_is_the_vae_round_trip(reference):
     np.testing.assert_array_equal(out, expected)
 
 
-def test_repeated_calls_equal_fresh_tasks(reference):
-    _, _, task, folder = reference
-    calls = [
-        dict(num_steps=3, guidance_scale=4.0, strength=0.5, batch=1, size=(32, 32)),
-        dict(num_steps=5, guidance_scale=1.0, strength=1.0, batch=2, size=(32, 32)),
-        dict(num_steps=2, guidance_scale=6.0, strength=0.9, batch=1, size=(32, 48)),
-    ]
-    for i, call in enumerate(calls):
-        images, posterior_noise, noise = _case(call["batch"], *call["size"], seed=i)
+# (num_steps, guidance, strength, batch, height, width): steps, guidance (CFG on
+# and off), strength, batch and resolution all vary from call to call.
+REPEATED_CALLS = [
+    (3, 4.0, 0.5, 1, 64, 64),
+    (5, 1.0, 1.0, 2, 64, 64),
+    (2, 6.0, 0.9, 1, 32, 48),
+    (4, 4.0, 0.5, 1, 64, 64),
+    (1, 2.0, 1.0, 3, 32, 32),
+    (6, 1.0, 0.3, 2, 48, 32),
+    (3, 7.5, 0.0, 1, 64, 64),
+    (8, 3.0, 0.75, 1, 64, 64),
+    (2, 1.0, 0.5, 2, 32, 48),
+    (3, 4.0, 0.5, 1, 64, 64),
+]
+
+
+def test_repeated_calls_equal_fresh_tasks():
+    task = kd.models.ImageToImage.from_preset("sd3_tiny_demo")
+    for i, (steps, guidance, strength, batch, height, width) in enumerate(
+        REPEATED_CALLS
+    ):
+        images, posterior_noise, noise = _case(batch, height, width, seed=i)
         kwargs = dict(
-            num_steps=call["num_steps"],
-            guidance_scale=call["guidance_scale"],
-            strength=call["strength"],
-            height=call["size"][0],
-            width=call["size"][1],
-            noise=noise,
-            posterior_noise=posterior_noise,
+            num_steps=steps, guidance_scale=guidance, strength=strength,
+            height=height, width=width, noise=noise, posterior_noise=posterior_noise,
         )
-        inputs = {"images": images, "prompts": ["a cat"] * call["batch"]}
-        fresh = kd.models.ImageToImage.from_preset(folder)
+        inputs = {"images": images, "prompts": [f"a shape number {i}"] * batch}
+        fresh = kd.models.ImageToImage.from_preset("sd3_tiny_demo")
         np.testing.assert_array_equal(
-            task.generate(inputs, **kwargs), fresh.generate(inputs, **kwargs)
+            task.generate(inputs, **kwargs), fresh.generate(inputs, **kwargs),
+            err_msg=f"call {i}",
         )
 
 

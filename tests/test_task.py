@@ -114,3 +114,14 @@ def test_get_config_round_trip():
     assert clone.sampling == {"strength": 0.5}
     assert clone.backbone.get_config() == task.backbone.get_config()
     assert clone.preprocessor.get_config() == task.preprocessor.get_config()
+
+
+def test_builtin_names_carry_catalogue_sampling_defaults():
+    from keras_diffusion.models.task import _builtin_sampling
+
+    turbo = _builtin_sampling("stable_diffusion_3.5_large_turbo")
+    assert turbo["num_steps"] == 4 and turbo["guidance_scale"] <= 1.0
+    assert _builtin_sampling("./some/folder") == {}
+    demo = kd.models.ImageToImage.from_preset("sd3_tiny_demo")
+    assert demo.sampling["num_steps"] == 8
+    assert (demo.sampling["height"], demo.sampling["width"]) == (64, 64)

@@ -111,6 +111,9 @@ class Task(keras.Model):
         else:
             task_cls = cls._task_class_for(folder.backbone_class(Backbone), preset)
             config = {}
+        builtin = _builtin_sampling(preset)
+        if builtin:
+            config["sampling"] = {**builtin, **config.get("sampling", {})}
         config.update(kwargs)
         backbone = folder.load_backbone(task_cls.backbone_cls, load_weights, dtype)
         preprocessor = None
@@ -148,3 +151,10 @@ class Task(keras.Model):
             preprocessor=self.preprocessor,
             task=self,
         )
+
+
+def _builtin_sampling(preset):
+    """The catalogue's sampling defaults when `preset` is a built-in name."""
+    if not isinstance(preset, str) or preset not in catalogue.names():
+        return {}
+    return dict(catalogue.get(preset).get("sampling", {}))
