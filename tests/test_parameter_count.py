@@ -10,6 +10,7 @@
     constructors' signatures.
 """
 
+import contextlib
 import doctest
 import functools
 import inspect
@@ -17,8 +18,10 @@ import json
 import os
 
 import keras
+import numpy as np
 import pytest
 
+from keras_diffusion.converters import diffusers_mmdit, diffusers_vae, transformers_text
 from keras_diffusion.converters.diffusers_folder import DiffusersFolder
 from keras_diffusion.models.stable_diffusion_3 import parameter_count as pc
 from keras_diffusion.models.stable_diffusion_3.clip_text_encoder import CLIPTextEncoder
@@ -33,72 +36,38 @@ from keras_diffusion.presets.catalogue import BUILTIN_DIR
 # ------------------------------------------------ the Hugging Face configs
 # The architecture keys of the repositories' config.json files.
 CLIP_L = {
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "layer_norm_eps": 1e-5,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
+    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "intermediate_size": 3072, "hidden_act": "quick_gelu", "projection_dim": 768,
+    "vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}  # fmt: skip
 CLIP_G = {
-    **CLIP_L,
-    "hidden_size": 1280,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 20,
-    "intermediate_size": 5120,
-    "hidden_act": "gelu",
+    **CLIP_L, "hidden_size": 1280, "num_hidden_layers": 32,
+    "num_attention_heads": 20, "intermediate_size": 5120, "hidden_act": "gelu",
     "projection_dim": 1280,
-}
+}  # fmt: skip
 T5_XXL = {
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "vocab_size": 32128,
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "layer_norm_epsilon": 1e-6,
-    "tie_word_embeddings": False,
-}
+    "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+    "vocab_size": 32128, "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False,
+}  # fmt: skip
 SD3_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
+    "in_channels": 3, "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 1.5305,
-    "shift_factor": 0.0609,
-    "latents_mean": None,
-    "latents_std": None,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+    "act_fn": "silu", "latent_channels": 16, "norm_num_groups": 32,
+    "sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+    "latents_mean": None, "latents_std": None,
+    "use_quant_conv": False, "use_post_quant_conv": False,
+}  # fmt: skip
 SD3_MEDIUM_TRANSFORMER = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "out_channels": 16,
-    "pos_embed_max_size": 192,
-}
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24,
+    "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
+}  # fmt: skip
 SD35_MEDIUM_TRANSFORMER = {
     **SD3_MEDIUM_TRANSFORMER,
     "pos_embed_max_size": 384,
@@ -173,9 +142,23 @@ def _config(name):
 
 
 # ------------------------------------------- (a) analytic == count_params()
-def _count(layer, *shapes):
-    layer.build(*shapes)
-    return layer.count_params()
+@contextlib.contextmanager
+def _shapes_only():
+    """Build layers whose variables have shapes but no values.
+
+    Variables created in a `StatelessScope` defer their initializers; with
+    `initialize_variables=False` they never run (on JAX each new shape
+    would compile one). `clear_session` then forgets the pending variables.
+    """
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            yield
+    finally:
+        keras.utils.clear_session()
+
+
+def _size(weights):
+    return sum(int(np.prod(w.shape)) for w in weights)
 
 
 CLIP_SMALL = dict(
@@ -194,51 +177,66 @@ MMDIT_SMALL = dict(
 
 
 def test_clip_and_t5_counts_match_built_layers():
-    for config in (CLIP_SMALL, {**CLIP_SMALL, "num_layers": 1}):
-        encoder = CLIPTextEncoder(**config)
-        assert pc.clip_text_encoder_parameters(config) == _count(encoder, (None, 9))
-    encoder = T5Encoder(**T5_SMALL)
-    assert pc.t5_encoder_parameters(T5_SMALL) == _count(encoder, (None, 6))
+    with _shapes_only():
+        for config in (CLIP_SMALL, {**CLIP_SMALL, "num_layers": 1}):
+            encoder = CLIPTextEncoder(**config)
+            encoder.build((None, 9))
+            assert pc.clip_text_encoder_parameters(config) == encoder.count_params()
+        encoder = T5Encoder(**T5_SMALL)
+        encoder.build((None, 6))
+        assert pc.t5_encoder_parameters(T5_SMALL) == encoder.count_params()
 
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"qk_norm": "rms_norm"}, {"qk_norm": "rms_norm", "dual_attention_layers": [0, 1]}],
+    [
+        {},
+        {"qk_norm": "rms_norm"},
+        {"qk_norm": "rms_norm", "dual_attention_layers": [0, 1]},
+    ],
 )
 def test_mmdit_counts_match_built_layers(extra):
     config = {**MMDIT_SMALL, **extra}
-    model = MMDiT(**config)
-    model.build()
-    assert pc.mmdit_parameters(config) == model.count_params()
-    non_trainable = sum(int(keras.ops.size(w)) for w in model.non_trainable_weights)
-    assert pc.mmdit_position_table_parameters(config) == non_trainable == 5 * 5 * 16
-    assert pc.mmdit_parameters(config, include_position_table=False) == sum(
-        int(keras.ops.size(w)) for w in model.trainable_weights
-    )
+    with _shapes_only():
+        model = MMDiT(**config)
+        model.build()
+        assert pc.mmdit_parameters(config) == model.count_params()
+        non_trainable = _size(model.non_trainable_weights)
+        assert pc.mmdit_position_table_parameters(config) == non_trainable == 400
+        without_table = pc.mmdit_parameters(config, include_position_table=False)
+        assert without_table == _size(model.trainable_weights)
 
 
 @pytest.mark.parametrize("quant", [False, True])
 def test_vae_counts_match_built_layers(quant):
     config = dict(
-        block_channels=(8, 16, 16), encoder_layers_per_block=1,
+        block_channels=(8, 16, 24), encoder_layers_per_block=1,
         decoder_layers_per_block=2, latent_channels=4, norm_groups=4,
         use_quant_conv=quant, use_post_quant_conv=quant,
     )  # fmt: skip
-    assert pc.vae_parameters(config) == _count(VAE(**config))
+    with _shapes_only():
+        vae = VAE(**config)
+        vae.build()
+        assert pc.vae_parameters(config) == vae.count_params()
 
 
 def test_backbone_counts_match_built_backbone():
-    config = dict(_config("sd3_tiny_demo"), t5=T5_SMALL | {"hidden_dim": 64})
-    config["t5"]["num_heads"], config["t5"]["key_value_dim"] = 4, 16
-    for cfg in (_config("sd3_tiny_demo"), config):
-        cfg = {k: v for k, v in cfg.items() if k not in ("dtype", "name", "trainable")}
-        counts = pc.backbone_parameters(cfg)
-        backbone = StableDiffusion3Backbone(**cfg)
-        assert counts["total"] == backbone.count_params()
-        for name in ("clip_l", "clip_g", "t5", "mmdit", "vae"):
-            if name in counts:
-                assert counts[name] == getattr(backbone, name).count_params()
-    assert "t5" in counts and counts["total_without_t5"] == counts["total"] - counts["t5"]
+    demo = _config("sd3_tiny_demo")
+    t5 = dict(T5_SMALL, hidden_dim=64, num_heads=4, key_value_dim=16)
+    for config in (demo, {**demo, "t5": t5}):
+        config = {k: v for k, v in config.items() if k not in ("dtype", "name")}
+        counts = pc.backbone_parameters(config)
+        with _shapes_only():
+            backbone = StableDiffusion3Backbone(**config)
+            assert counts["total"] == backbone.count_params()
+            assert counts["mmdit_position_table"] == _size(
+                backbone.non_trainable_weights
+            )
+            for name in ("clip_l", "clip_g", "t5", "mmdit", "vae"):
+                if name in counts:
+                    assert counts[name] == getattr(backbone, name).count_params()
+    assert counts["t5"] == pc.t5_encoder_parameters(t5)
+    assert counts["total_without_t5"] == counts["total"] - counts["t5"]
 
 
 def test_unknown_or_missing_arguments_fail():
@@ -254,76 +252,182 @@ def test_docstring_examples_run():
 
 
 # ------------------------------------- (b) against diffusers / transformers
+@functools.cache
 def _reference(kind, config_json, **overrides):
     """`(parameters, buffer)` of a reference model built on the meta device.
 
-    `buffer` is the numel of diffusers' `pos_embed.pos_embed` (0 elsewhere).
+    `parameters` is `sum(p.numel() for p in model.parameters())`; `buffer`
+    is the numel of diffusers' `pos_embed.pos_embed` (0 for other models).
     """
-    return _reference_cached(kind, config_json, json.dumps(overrides, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=None)
-def _reference_cached(kind, config_json, overrides_json):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
-    config = {**json.loads(config_json), **json.loads(overrides_json)}
+    config = {**json.loads(config_json), **overrides}
     with torch.device("meta"):
         if kind == "transformer":
             model = diffusers.SD3Transformer2DModel(**config)
         elif kind == "vae":
-            config.pop("shift_factor", None) if False else None
-            model = diffusers.AutoencoderKL(
-                **{k: v for k, v in config.items() if k != "sample_size"}
-            )
+            config.pop("sample_size")
+            model = diffusers.AutoencoderKL(**config)
         elif kind == "clip":
-            model = transformers.CLIPTextModelWithProjection(
-                transformers.CLIPTextConfig(**config)
-            )
+            config = transformers.CLIPTextConfig(**config)
+            model = transformers.CLIPTextModelWithProjection(config)
         else:
             model = transformers.T5EncoderModel(transformers.T5Config(**config))
     buffer = model.pos_embed.pos_embed.numel() if kind == "transformer" else 0
     return sum(p.numel() for p in model.parameters()), buffer
 
 
-def _linear_in_depth(kind, config, depth_key, dual=()):
-    """Reference count at full depth, from builds with 1 and 2 layers.
-
-    `count(L) = count(1) + (L - 1) * per_layer (+ the dual-attention extra
-    per MMDiT-X block)`; the last MMDiT block (context-pre-only) is in
-    `count(1)`, so every added layer is a full one.
-    """
-    text = json.dumps(config, sort_keys=True)
-    one, buffer = _reference(kind, text, **{depth_key: 1})
-    two, _ = _reference(kind, text, **{depth_key: 2})
-    total = one + (config[depth_key] - 1) * (two - one)
-    if dual:
-        with_dual, _ = _reference(
-            kind, text, **{depth_key: 2, "dual_attention_layers": [0]}
+def _ours(kind, hf_config):
+    if kind == "transformer":
+        return pc.mmdit_parameters(
+            diffusers_mmdit.mmdit_kwargs(hf_config), include_position_table=False
         )
-        total += len(dual) * (with_dual - two)
-    return total, buffer
+    if kind == "vae":
+        return pc.vae_parameters(diffusers_vae.vae_kwargs(hf_config))
+    if kind == "clip":
+        return pc.clip_text_encoder_parameters(
+            transformers_text.clip_text_encoder_kwargs(hf_config)
+        )
+    return pc.t5_encoder_parameters(transformers_text.t5_encoder_kwargs(hf_config))
 
 
-WIDTHS = {
-    "sd3_medium": SD3_MEDIUM_TRANSFORMER,
-    "sd35_medium": SD35_MEDIUM_TRANSFORMER,
-    "sd35_large": SD35_LARGE_TRANSFORMER,
+DEPTH = {"transformer": "num_layers", "clip": "num_hidden_layers", "t5": "num_layers"}
+REFERENCES = {
+    "sd3_medium": ("transformer", SD3_MEDIUM_TRANSFORMER),
+    "sd35_medium": ("transformer", SD35_MEDIUM_TRANSFORMER),
+    "sd35_large": ("transformer", SD35_LARGE_TRANSFORMER),
+    "clip_l": ("clip", CLIP_L),
+    "clip_g": ("clip", CLIP_G),
+    "t5_xxl": ("t5", T5_XXL),
 }
 
 
-@pytest.mark.parametrize("name", sorted(WIDTHS))
-def test_mmdit_matches_diffusers_at_full_width(name):
-    hf = WIDTHS[name]
-    text = json.dumps(hf, sort_keys=True)
-    for layers, dual in ((1, []), (2, []), (2, [0])):
-        if dual and "dual_attention_layers" not in hf:
-            continue
-        overrides = {"num_layers": layers, "dual_attention_layers": dual}
-        parameters, buffer = _reference("transformer", text, **overrides)
-        ours = pc.mmdit_kwargs_for_test = None  # placeholder, replaced below
-        from keras_diffusion.converters.diffusers_mmdit import mmdit_kwargs
+def _shallow(kind, hf_config):
+    """The 1- and 2-layer variants (and 2 layers with dual attention)."""
+    variants = [{DEPTH[kind]: 1}, {DEPTH[kind]: 2}]
+    if kind == "transformer":
+        variants = [{**v, "dual_attention_layers": ()} for v in variants]
+        if hf_config.get("dual_attention_layers"):
+            variants.append({"num_layers": 2, "dual_attention_layers": (0,)})
+    return variants
 
-        ours = mmdit_kwargs({**hf, **overrides})
-        assert pc.mmdit_parameters(ours, include_position_table=False) == parameters
-        assert pc.mmdit_position_table_parameters(ours) == buffer
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_full_width_counts_match_reference(name):
+    kind, hf_config = REFERENCES[name]
+    text = json.dumps(hf_config, sort_keys=True)
+    for overrides in _shallow(kind, hf_config):
+        parameters, buffer = _reference(kind, text, **overrides)
+        assert _ours(kind, {**hf_config, **overrides}) == parameters, overrides
+        if kind == "transformer":
+            ours = diffusers_mmdit.mmdit_kwargs({**hf_config, **overrides})
+            assert pc.mmdit_position_table_parameters(ours) == buffer
+
+
+def test_full_vae_matches_diffusers():
+    parameters, _ = _reference("vae", json.dumps(SD3_VAE, sort_keys=True))
+    assert _ours("vae", SD3_VAE) == parameters == 83_819_683
+
+
+def _reference_at_full_depth(kind, hf_config):
+    """The reference count at full depth, extrapolated from 1 and 2 layers.
+
+    A count is linear in the depth: `count(L) = count(1) + (L - 1) *
+    (count(2) - count(1))`, plus, per MMDiT-X block, the difference that
+    dual attention makes to a 2-layer model. (The last, context-pre-only
+    MMDiT block is already in `count(1)`, so each added block is a full one.)
+    Returns `(parameters, buffer)`.
+    """
+    text = json.dumps(hf_config, sort_keys=True)
+    one, two, *dual = (
+        _reference(kind, text, **overrides) for overrides in _shallow(kind, hf_config)
+    )
+    per_layer = two[0] - one[0]
+    parameters = one[0] + (hf_config[DEPTH[kind]] - 1) * per_layer
+    if dual:
+        dual_layers = hf_config["dual_attention_layers"]
+        parameters += len(dual_layers) * (dual[0][0] - two[0])
+    return parameters, one[1]
+
+
+@pytest.mark.parametrize("name", sorted(HF_REPOS))
+def test_catalogue_counts_equal_extrapolated_reference(name):
+    repo, counts = HF_REPOS[name], CATALOGUE[name]["parameters"]
+    expected = {
+        "clip_l": _reference_at_full_depth("clip", repo["text_encoder"]),
+        "clip_g": _reference_at_full_depth("clip", repo["text_encoder_2"]),
+        "t5": _reference_at_full_depth("t5", repo["text_encoder_3"]),
+        "mmdit": _reference_at_full_depth("transformer", repo["transformer"]),
+        "vae": _reference("vae", json.dumps(repo["vae"], sort_keys=True)),
+    }
+    # Our weights are the reference's parameters plus its pos_embed buffer.
+    for component, (parameters, buffer) in expected.items():
+        assert counts[component] == parameters + buffer, component
+    position_table = expected["mmdit"][1]
+    reference_total = sum(parameters for parameters, _ in expected.values())
+    assert counts["mmdit_position_table"] == position_table
+    assert counts["diffusers_comparable"] == reference_total
+    assert counts["total"] == reference_total + position_table
+    without_t5 = reference_total - expected["t5"][0]
+    assert counts["diffusers_comparable_without_t5"] == without_t5
+    assert counts["total_without_t5"] == without_t5 + position_table
+
+
+# --------------------------------------------- (c) the catalogue's configs
+REMOTE = sorted(name for name, entry in CATALOGUE.items() if "sources" in entry)
+
+
+def test_every_remote_entry_has_a_config():
+    assert sorted(HF_REPOS) == REMOTE
+    assert "config" not in CATALOGUE["sd3_tiny_demo"]
+
+
+@pytest.mark.parametrize("name", REMOTE)
+def test_catalogue_config_is_the_diffusers_folder_config(name, tmp_path):
+    assert CATALOGUE[name]["config"] == diffusers_folder_config(
+        HF_REPOS[name], str(tmp_path)
+    )
+
+
+def _accepts(cls, config, allowed=()):
+    """`cls(**config)` would bind: no unknown keys, no missing required ones."""
+    signature = inspect.signature(cls.__init__)
+    named = {n for n, p in signature.parameters.items() if p.kind is not p.VAR_KEYWORD}
+    unknown = set(config) - named - set(allowed)
+    assert not unknown, f"{cls.__name__} does not take {sorted(unknown)}"
+    signature.bind(None, **config)  # a missing required argument raises
+
+
+def _key_tree(value):
+    if isinstance(value, dict):
+        return {k: _key_tree(v) for k, v in value.items()}
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_catalogue_config_fits_the_constructors(name, tmp_path):
+    config = _config(name)
+    if name in HF_REPOS:
+        folder_config = diffusers_folder_config(HF_REPOS[name], str(tmp_path))
+        assert _key_tree(config) == _key_tree(folder_config)
+    _accepts(StableDiffusion3Backbone, config, ("name", "dtype", "trainable"))
+    for key, cls in (
+        ("clip_l", CLIPTextEncoder),
+        ("clip_g", CLIPTextEncoder),
+        ("t5", T5Encoder),
+        ("mmdit", MMDiT),
+        ("vae", VAE),
+    ):
+        if config.get(key) is not None:
+            _accepts(cls, config[key])
+    # The backbone's own consistency checks, without building it.
+    clip_width = config["clip_l"]["embedding_dim"] + config["clip_g"]["embedding_dim"]
+    assert clip_width <= config["mmdit"]["context_dim"]
+    pooled = config["clip_l"]["projection_dim"] + config["clip_g"]["projection_dim"]
+    assert pooled == config["mmdit"]["pooled_dim"]
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_catalogue_parameters_are_the_analytic_counts(name):
+    assert CATALOGUE[name]["parameters"] == pc.backbone_parameters(_config(name))
