@@ -9,9 +9,7 @@ missing tensor, a tensor of the wrong shape, an unused checkpoint tensor or
 a model variable left unassigned.
 """
 
-import numpy as np
-
-from keras_diffusion.converters.safetensors_reader import assign
+from keras_diffusion.converters.weight_loader import WeightLoader
 
 
 def mmdit_kwargs(diffusers_config):
@@ -63,43 +61,14 @@ def mmdit_kwargs(diffusers_config):
     }
 
 
-class _Loader:
-    def __init__(self, source):
-        self.source = source
-        self.used = set()
-        self.assigned = set()
+def _norm(load, layer, name):
+    if layer is not None:  # qk norms exist only with `qk_norm="rms_norm"`
+        load.norm(layer, name)
 
-    def get(self, name, shape):
-        array = self.source.get(name)
-        if tuple(array.shape) != tuple(shape):
-            raise ValueError(
-                f"Checkpoint tensor {name!r} has shape {tuple(array.shape)}, "
-                f"expected {tuple(shape)}."
-            )
-        self.used.add(name)
-        return array
 
-    def put(self, variable, array, name):
-        assign(variable, array, name)
-        self.assigned.add(id(variable))
-
-    def linear(self, dense, *names):
-        """Torch `Linear`s `names` (outputs concatenated) -> Keras `Dense`."""
-        fan_in, units = dense.kernel.shape
-        part = units // len(names)
-        kernels = [self.get(f"{n}.weight", (part, fan_in)) for n in names]
-        biases = [self.get(f"{n}.bias", (part,)) for n in names]
-        label = "+".join(names)
-        self.put(dense.kernel, np.concatenate(kernels, axis=0).T, f"{label}.weight")
-        self.put(dense.bias, np.concatenate(biases, axis=0), f"{label}.bias")
-
-    def norm(self, layer, name):
-        if layer is not None:
-            self.put(layer.scale, self.get(name, layer.scale.shape), name)
-
-    def mlp(self, mlp, prefix):
-        self.linear(mlp.dense_1, f"{prefix}.net.0.proj")
-        self.linear(mlp.dense_2, f"{prefix}.net.2")
+def _mlp(load, mlp, prefix):
+    load.linear(mlp.dense_1, f"{prefix}.net.0.proj")
+    load.linear(mlp.dense_2, f"{prefix}.net.2")
 
 
 def load_mmdit(mmdit, source):
@@ -132,17 +101,13 @@ def load_mmdit(mmdit, source):
     """
     if not mmdit.built:
         mmdit.build()
-    load = _Loader(source)
-    d, p, size = mmdit.hidden_dim, mmdit.patch_size, mmdit.position_size
+    load = WeightLoader(source, mmdit)
+    d, size = mmdit.hidden_dim, mmdit.position_size
 
-    conv = mmdit.patch_embedding
-    name = "pos_embed.proj.weight"
-    kernel = load.get(name, (d, mmdit.latent_channels, p, p))
-    load.put(conv.kernel, np.transpose(kernel, (2, 3, 1, 0)), name)
-    load.put(conv.bias, load.get("pos_embed.proj.bias", (d,)), "pos_embed.proj.bias")
+    load.conv(mmdit.patch_embedding, "pos_embed.proj")
     name = "pos_embed.pos_embed"
-    table = load.get(name, (1, size * size, d)).reshape(size, size, d)
-    load.put(mmdit.position_embedding, table, name)
+    table = load.get(name, (1, size * size, d), mmdit.position_embedding)
+    load.assign(mmdit.position_embedding, table.reshape(size, size, d), name)
 
     embed = "time_text_embed"
     load.linear(mmdit.timestep_dense_1, f"{embed}.timestep_embedder.linear_1")
@@ -158,30 +123,22 @@ def load_mmdit(mmdit, source):
         load.linear(block.context_modulation, f"{b}.norm1_context.linear")
         load.linear(block.x_qkv, *(f"{attn}.to_{s}" for s in "qkv"))
         load.linear(block.context_qkv, *(f"{attn}.add_{s}_proj" for s in "qkv"))
-        load.norm(block.x_query_norm, f"{attn}.norm_q.weight")
-        load.norm(block.x_key_norm, f"{attn}.norm_k.weight")
-        load.norm(block.context_query_norm, f"{attn}.norm_added_q.weight")
-        load.norm(block.context_key_norm, f"{attn}.norm_added_k.weight")
+        _norm(load, block.x_query_norm, f"{attn}.norm_q")
+        _norm(load, block.x_key_norm, f"{attn}.norm_k")
+        _norm(load, block.context_query_norm, f"{attn}.norm_added_q")
+        _norm(load, block.context_key_norm, f"{attn}.norm_added_k")
         load.linear(block.x_attention_output, f"{attn}.to_out.0")
-        load.mlp(block.x_mlp, f"{b}.ff")
+        _mlp(load, block.x_mlp, f"{b}.ff")
         if not block.context_pre_only:
             load.linear(block.context_attention_output, f"{attn}.to_add_out")
-            load.mlp(block.context_mlp, f"{b}.ff_context")
+            _mlp(load, block.context_mlp, f"{b}.ff_context")
         if block.dual_attention:
             attn2 = f"{b}.attn2"
             load.linear(block.x_qkv_2, *(f"{attn2}.to_{s}" for s in "qkv"))
-            load.norm(block.x_query_norm_2, f"{attn2}.norm_q.weight")
-            load.norm(block.x_key_norm_2, f"{attn2}.norm_k.weight")
+            _norm(load, block.x_query_norm_2, f"{attn2}.norm_q")
+            _norm(load, block.x_key_norm_2, f"{attn2}.norm_k")
             load.linear(block.x_attention_output_2, f"{attn2}.to_out.0")
 
     load.linear(mmdit.output_modulation, "norm_out.linear")
     load.linear(mmdit.output_projection, "proj_out")
-
-    unused = sorted(set(source.keys()) - load.used)
-    if unused:
-        raise ValueError(
-            f"{len(unused)} checkpoint tensor(s) were not used by MMDiT: {unused[:20]}"
-        )
-    missed = [v.path for v in mmdit.weights if id(v) not in load.assigned]
-    if missed:
-        raise ValueError(f"MMDiT variables left unassigned: {missed}")
+    load.finish()

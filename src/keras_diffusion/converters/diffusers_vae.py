@@ -6,7 +6,7 @@ it, by diffusers' state-dict names, and fails loudly on anything missing,
 misshapen, unassigned or left over.
 """
 
-from keras_diffusion.converters.safetensors_reader import assign
+from keras_diffusion.converters.weight_loader import WeightLoader
 
 _REQUIRED = ("block_out_channels", "layers_per_block", "latent_channels")
 # diffusers' `AutoencoderKL.__init__` defaults, for keys a config may omit.
@@ -91,69 +91,33 @@ def vae_kwargs(diffusers_config):
     }
 
 
-class _Loader:
-    """Copies named tensors into variables, remembering what was used."""
-
-    def __init__(self, source):
-        self.source = source
-        self.used = set()
-        self.assigned = set()
-
-    def _put(self, variable, name, transform=None):
-        array = self.source.get(name)
-        if transform is not None:
-            array = transform(array)
-        assign(variable, array, name)
-        self.used.add(name)
-        self.assigned.add(id(variable))
-
-    def conv(self, layer, prefix):
-        # torch (out, in, kh, kw) -> keras (kh, kw, in, out)
-        self._put(layer.kernel, f"{prefix}.weight", _conv_kernel)
-        self._put(layer.bias, f"{prefix}.bias")
-
-    def dense(self, layer, prefix):
-        # torch (out, in) -> keras (in, out)
-        self._put(layer.kernel, f"{prefix}.weight", _dense_kernel)
-        self._put(layer.bias, f"{prefix}.bias")
-
-    def norm(self, layer, prefix):
-        self._put(layer.gamma, f"{prefix}.weight")
-        self._put(layer.beta, f"{prefix}.bias")
-
-    def resnet(self, block, prefix):
-        self.norm(block.norm1, f"{prefix}.norm1")
-        self.conv(block.conv1, f"{prefix}.conv1")
-        self.norm(block.norm2, f"{prefix}.norm2")
-        self.conv(block.conv2, f"{prefix}.conv2")
-        if block.conv_shortcut is not None:
-            self.conv(block.conv_shortcut, f"{prefix}.conv_shortcut")
-
-    def mid_block(self, block, prefix):
-        self.resnet(block.resnet_0, f"{prefix}.resnets.0")
-        attention = block.attention
-        at = f"{prefix}.attentions.0"
-        self.norm(attention.group_norm, f"{at}.group_norm")
-        for layer, name in (
-            (attention.to_q, "to_q"),
-            (attention.to_k, "to_k"),
-            (attention.to_v, "to_v"),
-            (attention.to_out, "to_out.0"),
-        ):
-            self.dense(layer, f"{at}.{name}")
-        self.resnet(block.resnet_1, f"{prefix}.resnets.1")
+def _resnet(load, block, prefix):
+    load.norm(block.norm1, f"{prefix}.norm1")
+    load.conv(block.conv1, f"{prefix}.conv1")
+    load.norm(block.norm2, f"{prefix}.norm2")
+    load.conv(block.conv2, f"{prefix}.conv2")
+    if block.conv_shortcut is not None:
+        load.conv(block.conv_shortcut, f"{prefix}.conv_shortcut")
 
 
-def _conv_kernel(array):
-    if array.ndim != 4:
-        return array  # let `assign` report the shape mismatch
-    return array.transpose(2, 3, 1, 0)
+def _mid_block(load, block, prefix):
+    _resnet(load, block.resnet_0, f"{prefix}.resnets.0")
+    attention, at = block.attention, f"{prefix}.attentions.0"
+    load.norm(attention.group_norm, f"{at}.group_norm")
+    load.linear(attention.to_q, f"{at}.to_q")
+    load.linear(attention.to_k, f"{at}.to_k")
+    load.linear(attention.to_v, f"{at}.to_v")
+    load.linear(attention.to_out, f"{at}.to_out.0")
+    _resnet(load, block.resnet_1, f"{prefix}.resnets.1")
 
 
-def _dense_kernel(array):
-    if array.ndim != 2:
-        return array  # let `assign` report the shape mismatch
-    return array.T
+def _levels(load, levels, samplers, prefix, sampler):
+    """Each level's resnets, then its down/upsampling conv (if it has one)."""
+    for i, level in enumerate(levels):
+        for j, resnet in enumerate(level):
+            _resnet(load, resnet, f"{prefix}.{i}.resnets.{j}")
+        if i < len(samplers):
+            load.conv(samplers[i].conv, f"{prefix}.{i}.{sampler}.0.conv")
 
 
 def load_vae(vae, source):
@@ -183,43 +147,27 @@ def load_vae(vae, source):
     """
     if not vae.built:
         vae.build()
-    loader = _Loader(source)
+    load = WeightLoader(source, vae)
     encoder, decoder = vae.encoder, vae.decoder
 
-    loader.conv(encoder.conv_in, "encoder.conv_in")
-    for i, level in enumerate(encoder.down_resnets):
-        for j, resnet in enumerate(level):
-            loader.resnet(resnet, f"encoder.down_blocks.{i}.resnets.{j}")
-        if i < len(encoder.downsamplers):
-            prefix = f"encoder.down_blocks.{i}.downsamplers.0.conv"
-            loader.conv(encoder.downsamplers[i].conv, prefix)
-    loader.mid_block(encoder.mid_block, "encoder.mid_block")
-    loader.norm(encoder.norm_out, "encoder.conv_norm_out")
-    loader.conv(encoder.conv_out, "encoder.conv_out")
+    load.conv(encoder.conv_in, "encoder.conv_in")
+    down = "encoder.down_blocks"
+    _levels(load, encoder.down_resnets, encoder.downsamplers, down, "downsamplers")
+    _mid_block(load, encoder.mid_block, "encoder.mid_block")
+    load.norm(encoder.norm_out, "encoder.conv_norm_out")
+    load.conv(encoder.conv_out, "encoder.conv_out")
     if encoder.quant_conv is not None:
-        loader.conv(encoder.quant_conv, "quant_conv")
+        load.conv(encoder.quant_conv, "quant_conv")
 
     if decoder.post_quant_conv is not None:
-        loader.conv(decoder.post_quant_conv, "post_quant_conv")
-    loader.conv(decoder.conv_in, "decoder.conv_in")
-    loader.mid_block(decoder.mid_block, "decoder.mid_block")
+        load.conv(decoder.post_quant_conv, "post_quant_conv")
+    load.conv(decoder.conv_in, "decoder.conv_in")
+    _mid_block(load, decoder.mid_block, "decoder.mid_block")
     # diffusers numbers up_blocks in decoding order, widest level first,
     # which is also the order of `up_resnets`.
-    for i, level in enumerate(decoder.up_resnets):
-        for j, resnet in enumerate(level):
-            loader.resnet(resnet, f"decoder.up_blocks.{i}.resnets.{j}")
-        if i < len(decoder.upsamplers):
-            prefix = f"decoder.up_blocks.{i}.upsamplers.0.conv"
-            loader.conv(decoder.upsamplers[i].conv, prefix)
-    loader.norm(decoder.norm_out, "decoder.conv_norm_out")
-    loader.conv(decoder.conv_out, "decoder.conv_out")
+    up = "decoder.up_blocks"
+    _levels(load, decoder.up_resnets, decoder.upsamplers, up, "upsamplers")
+    load.norm(decoder.norm_out, "decoder.conv_norm_out")
+    load.conv(decoder.conv_out, "decoder.conv_out")
 
-    unused = sorted(set(source.keys()) - loader.used)
-    if unused:
-        raise ValueError(
-            f"{len(unused)} checkpoint tensors were not used by the VAE "
-            f"(first: {unused[:5]}); the config does not match the checkpoint."
-        )
-    unassigned = [v.path for v in vae.weights if id(v) not in loader.assigned]
-    if unassigned:
-        raise ValueError(f"VAE variables left unassigned: {unassigned[:5]}.")
+    load.finish()

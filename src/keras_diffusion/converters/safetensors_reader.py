@@ -93,6 +93,16 @@ class TensorSource:
 
     @classmethod
     def from_dict(cls, arrays):
+        """A source over in-memory arrays; `get` hands out copies of them.
+
+        Examples:
+
+        >>> arrays = {"w": np.zeros(2)}
+        >>> source = TensorSource.from_dict(arrays)
+        >>> source.get("w")[0] = 1.0
+        >>> float(arrays["w"][0]), float(source.get("w")[0])
+        (0.0, 0.0)
+        """
         return cls({k: np.asarray(v) for k, v in arrays.items()})
 
     def scoped(self, prefix):
@@ -118,7 +128,7 @@ class TensorSource:
         """Return tensor `name` as a numpy array (a fresh copy)."""
         entry = self._entry(name)
         if isinstance(entry, np.ndarray):
-            return entry
+            return entry.copy()
         path, info, data_start = entry
         begin, end = info["data_offsets"]
         dtype = _DTYPES[info["dtype"]]

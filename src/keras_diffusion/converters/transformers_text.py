@@ -43,79 +43,10 @@ Traceback (most recent call last):
 KeyError: "Tensor 'encoder.final_layer_norm.weight' is missing from the checkpoint..."
 """
 
-import numpy as np
-
-from keras_diffusion.converters.safetensors_reader import assign
+from keras_diffusion.converters.weight_loader import WeightLoader
 
 # Non-persistent buffers that older transformers versions saved.
 _CLIP_BUFFERS = ("text_model.embeddings.position_ids",)
-
-
-class _Loader:
-    """Tracks which checkpoint tensors were read and which variables set."""
-
-    def __init__(self, layer, source, buffers=()):
-        self.layer = layer
-        self.source = source
-        self.buffers = set(buffers)
-        self.used = set()
-        self.assigned = set()
-
-    def read(self, name, shape):
-        """Return tensor `name`, checking that it exists and has `shape`."""
-        self.check(name, shape)
-        return self.source.get(name)
-
-    def check(self, name, shape):
-        """Mark tensor `name` used, checking that it exists and has `shape`."""
-        if name not in self.source:
-            raise KeyError(
-                f"Tensor {name!r} is missing from the checkpoint "
-                f"({len(self.source)} tensors present)."
-            )
-        actual = tuple(self.source.shape(name))
-        if actual != tuple(shape):
-            raise ValueError(
-                f"Checkpoint tensor {name!r} has shape {actual}, but the model "
-                f"expects {tuple(shape)}."
-            )
-        self.used.add(name)
-
-    def set(self, variable, array, name):
-        assign(variable, array, name)
-        self.assigned.add(id(variable))
-
-    def linear(self, dense, names, out_dims, bias=True):
-        """Set a Dense from torch `(out, in)` linears stacked along `out`."""
-        in_dim = dense.kernel.shape[0]
-        kernels = [
-            self.read(f"{n}.weight", (d, in_dim)) for n, d in zip(names, out_dims)
-        ]
-        label = "+".join(f"{n}.weight" for n in names)
-        self.set(dense.kernel, np.concatenate(kernels, axis=0).T, label)
-        if bias:
-            biases = [self.read(f"{n}.bias", (d,)) for n, d in zip(names, out_dims)]
-            label = "+".join(f"{n}.bias" for n in names)
-            self.set(dense.bias, np.concatenate(biases), label)
-
-    def layer_norm(self, norm, name, dim, bias=True):
-        self.set(norm.gamma, self.read(f"{name}.weight", (dim,)), f"{name}.weight")
-        if bias:
-            self.set(norm.beta, self.read(f"{name}.bias", (dim,)), f"{name}.bias")
-
-    def finish(self):
-        unused = sorted(set(self.source.keys()) - self.used - self.buffers)
-        if unused:
-            raise ValueError(
-                f"{len(unused)} checkpoint tensor(s) were not used, e.g. "
-                f"{unused[:5]}. Is this the right checkpoint (or prefix)?"
-            )
-        unassigned = [v.path for v in self.layer.weights if id(v) not in self.assigned]
-        if unassigned:
-            raise ValueError(
-                f"{len(unassigned)} model variable(s) were left unassigned, "
-                f"e.g. {unassigned[:5]}."
-            )
 
 
 def clip_text_encoder_kwargs(hf_config):
@@ -154,42 +85,26 @@ def load_clip_text_encoder(encoder, source):
     """
     if not encoder.built:
         encoder.build((None, encoder.max_sequence_length))
-    loader = _Loader(encoder, source, buffers=_CLIP_BUFFERS)
-    dim = encoder.embedding_dim
+    load = WeightLoader(source, encoder, ignore=_CLIP_BUFFERS)
     embeddings = "text_model.embeddings"
-    name = f"{embeddings}.token_embedding.weight"
-    loader.set(
-        encoder.token_embedding.embeddings,
-        loader.read(name, (encoder.vocabulary_size, dim)),
-        name,
+    load.copy(
+        encoder.token_embedding.embeddings, f"{embeddings}.token_embedding.weight"
     )
-    name = f"{embeddings}.position_embedding.weight"
-    loader.set(
-        encoder.position_embedding.embeddings,
-        loader.read(name, (encoder.max_sequence_length, dim)),
-        name,
+    load.copy(
+        encoder.position_embedding.embeddings, f"{embeddings}.position_embedding.weight"
     )
     for i, layer in enumerate(encoder.encoder_layers):
         prefix = f"text_model.encoder.layers.{i}"
         attention = f"{prefix}.self_attn"
-        loader.layer_norm(layer.layer_norm_1, f"{prefix}.layer_norm1", dim)
-        loader.linear(
-            layer.qkv,
-            [f"{attention}.{p}_proj" for p in "qkv"],
-            [dim] * 3,
-        )
-        loader.linear(layer.attention_output, [f"{attention}.out_proj"], [dim])
-        loader.layer_norm(layer.layer_norm_2, f"{prefix}.layer_norm2", dim)
-        loader.linear(layer.fc1, [f"{prefix}.mlp.fc1"], [encoder.intermediate_dim])
-        loader.linear(layer.fc2, [f"{prefix}.mlp.fc2"], [dim])
-    loader.layer_norm(encoder.final_layer_norm, "text_model.final_layer_norm", dim)
-    loader.linear(
-        encoder.text_projection,
-        ["text_projection"],
-        [encoder.projection_dim],
-        bias=False,
-    )
-    loader.finish()
+        load.norm(layer.layer_norm_1, f"{prefix}.layer_norm1")
+        load.linear(layer.qkv, *(f"{attention}.{p}_proj" for p in "qkv"))
+        load.linear(layer.attention_output, f"{attention}.out_proj")
+        load.norm(layer.layer_norm_2, f"{prefix}.layer_norm2")
+        load.linear(layer.fc1, f"{prefix}.mlp.fc1")
+        load.linear(layer.fc2, f"{prefix}.mlp.fc2")
+    load.norm(encoder.final_layer_norm, "text_model.final_layer_norm")
+    load.linear(encoder.text_projection, "text_projection", bias=False)
+    load.finish()
 
 
 def t5_encoder_kwargs(hf_config):
@@ -233,46 +148,30 @@ def load_t5_encoder(encoder, source):
     """
     if not encoder.built:
         encoder.build((None, None))
-    loader = _Loader(encoder, source)
-    dim = encoder.hidden_dim
-    inner = encoder.num_heads * encoder.key_value_dim
-    embedding_shape = (encoder.vocabulary_size, dim)
+    load = WeightLoader(source, encoder)
+    embedding = encoder.token_embedding.embeddings
     names = [n for n in ("encoder.embed_tokens.weight", "shared.weight") if n in source]
     if not names:
-        names = ["shared.weight"]  # `read` raises, naming it
+        names = ["shared.weight"]  # `copy` raises, naming it
     for name in names[1:]:
-        loader.check(name, embedding_shape)  # tied copy: shape-checked, not read
-    table = loader.read(names[0], embedding_shape)
-    loader.set(encoder.token_embedding.embeddings, table, names[0])
+        load.check(name, embedding.shape)  # tied copy: shape-checked, not read
+    load.copy(embedding, names[0])
 
     for i, layer in enumerate(encoder.encoder_layers):
         attention = f"encoder.block.{i}.layer.0"
         ffn = f"encoder.block.{i}.layer.1"
-        name = f"{attention}.layer_norm.weight"
-        loader.set(layer.attention_norm.scale, loader.read(name, (dim,)), name)
-        projections = [f"{attention}.SelfAttention.{p}" for p in "qkv"]
-        loader.linear(layer.qkv, projections, [inner] * 3, bias=False)
-        loader.linear(
-            layer.attention_output, [f"{attention}.SelfAttention.o"], [dim], bias=False
-        )
+        load.norm(layer.attention_norm, f"{attention}.layer_norm")
+        qkv = (f"{attention}.SelfAttention.{p}" for p in "qkv")
+        load.linear(layer.qkv, *qkv, bias=False)
+        load.linear(layer.attention_output, f"{attention}.SelfAttention.o", bias=False)
         if i == 0:
-            name = f"{attention}.SelfAttention.relative_attention_bias.weight"
-            shape = (encoder.relative_attention_num_buckets, encoder.num_heads)
-            loader.set(
+            load.copy(
                 encoder.relative_attention_bias.embeddings,
-                loader.read(name, shape),
-                name,
+                f"{attention}.SelfAttention.relative_attention_bias.weight",
             )
-        name = f"{ffn}.layer_norm.weight"
-        loader.set(layer.ffn_norm.scale, loader.read(name, (dim,)), name)
+        load.norm(layer.ffn_norm, f"{ffn}.layer_norm")
         dense = f"{ffn}.DenseReluDense"
-        loader.linear(
-            layer.ffn_gate_up,
-            [f"{dense}.wi_0", f"{dense}.wi_1"],
-            [encoder.intermediate_dim] * 2,
-            bias=False,
-        )
-        loader.linear(layer.ffn_output, [f"{dense}.wo"], [dim], bias=False)
-    name = "encoder.final_layer_norm.weight"
-    loader.set(encoder.final_norm.scale, loader.read(name, (dim,)), name)
-    loader.finish()
+        load.linear(layer.ffn_gate_up, f"{dense}.wi_0", f"{dense}.wi_1", bias=False)
+        load.linear(layer.ffn_output, f"{dense}.wo", bias=False)
+    load.norm(encoder.final_norm, "encoder.final_layer_norm")
+    load.finish()
