@@ -259,8 +259,17 @@ def save_reference_folder(pipeline, path):
     return str(path)
 
 
-def run_reference(pipeline, images_uint8, prompts, negative_prompts, num_steps,
-                  guidance_scale, strength, posterior_noise, noise):
+def run_reference(
+    pipeline,
+    images_uint8,
+    prompts,
+    negative_prompts,
+    num_steps,
+    guidance_scale,
+    strength,
+    posterior_noise,
+    noise,
+):
     """Run the diffusers pipeline with injected noise; return uint8 NHWC."""
     import torch
     from diffusers.models.autoencoders import vae as vae_module

@@ -41,7 +41,10 @@ def test_preset_round_trip(preprocessor, tmp_path):
     loaded = kd.models.Preprocessor.from_preset(str(tmp_path / "p"))
     assert type(loaded) is kd.models.StableDiffusion3Preprocessor
     prompts = ["a red circle on a blue background", "", "unknown words ok"]
-    a, b = preprocessor.generate_preprocess(prompts), loaded.generate_preprocess(prompts)
+    a, b = (
+        preprocessor.generate_preprocess(prompts),
+        loaded.generate_preprocess(prompts),
+    )
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     assert loaded.clip_g_tokenizer.pad_token == "!"
@@ -50,4 +53,6 @@ def test_preset_round_trip(preprocessor, tmp_path):
 def test_get_config_round_trip(preprocessor):
     config = preprocessor.get_config()
     assert config["t5_tokenizer"] is None
-    assert config["clip_l_tokenizer"]["registered_name"] == "keras_diffusion>CLIPTokenizer"
+    assert (
+        config["clip_l_tokenizer"]["registered_name"] == "keras_diffusion>CLIPTokenizer"
+    )

@@ -14,7 +14,8 @@ import numpy as np
 import keras_diffusion as kd
 
 task = kd.models.ImageToImage.from_preset("sd3_tiny_demo")
-out = task.generate(np.zeros((64, 64, 3), np.uint8), "a red circle", num_steps=2, seed=0)
+image = np.zeros((64, 64, 3), np.uint8)
+out = task.generate(image, "a red circle", num_steps=2, seed=0)
 assert out.shape == (64, 64, 3), out.shape
 task.save_to_preset(sys.argv[1])
 kd.models.ImageToImage.from_preset(sys.argv[1])
@@ -32,7 +33,10 @@ def test_load_generate_save_without_tensorflow(tmp_path):
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "p")],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")

@@ -6,12 +6,16 @@ time, straight into the built model. Pickle-only components (`.bin`, `.ckpt`)
 are refused, never unpickled.
 """
 
+import contextlib
+import contextvars
 import glob
 import json
 import os
+import re
 
 from keras_diffusion.converters import diffusers_mmdit, diffusers_vae, transformers_text
 from keras_diffusion.converters.safetensors_reader import TensorSource
+from keras_diffusion.utils.backend import loading_weights
 
 MODEL_INDEX = "model_index.json"
 PIPELINES = (
@@ -33,24 +37,75 @@ COMPONENT_CLASSES = {
     "image_encoder": (None,),
     "feature_extractor": (None,),
 }
-REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+REQUIRED = (
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+)
 CLIP_SEQUENCE_LENGTH = 77
 T5_SEQUENCE_LENGTH = 256
+
+
+_PROGRESS = contextvars.ContextVar("diffusers_folder_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting_progress(callback):
+    """Call `callback(component)` after each component's weights are read.
+
+    Covers every diffusers-folder load in the block, however it is reached
+    (`ImageToImage.from_preset(folder)` included).
+
+    Examples:
+
+    >>> with reporting_progress(lambda name: print("converted", name)):
+    ...     pass  # e.g. keras_diffusion.models.ImageToImage.from_preset(folder)
+    """
+    token = _PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 def is_diffusers_folder(path):
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, MODEL_INDEX))
 
 
+# `model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`, ...
+_VARIANT = re.compile(r"\.(fp16|bf16)(-\d+-of-\d+)?\.safetensors$")
+
+
 def safetensors_files(folder, component):
-    """The safetensors of one component; the plain files before fp16 variants."""
+    """The safetensors of one component: the plain files, else one variant's.
+
+    A folder may hold the same weights twice, plain and as a half-precision
+    variant (`model-00001-of-00002.safetensors` next to
+    `model.fp16-00001-of-00002.safetensors`); only one set is read.
+
+    Examples:
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> for name in ["a-00001-of-00002", "a-00002-of-00002", "a.fp16-00001-of-00002"]:
+    ...     open(os.path.join(folder, name + ".safetensors"), "w").close()
+    >>> [os.path.basename(f) for f in safetensors_files(folder, "text_encoder_3")]
+    ['a-00001-of-00002.safetensors', 'a-00002-of-00002.safetensors']
+    """
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"The diffusers folder is missing its {component!r} folder.")
+        raise FileNotFoundError(
+            f"The diffusers folder is missing its {component!r} folder."
+        )
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    plain = [f for f in files if not os.path.basename(f).split(".")[-2] in ("fp16", "bf16")]
-    chosen = plain or files
-    if chosen:
-        return chosen
+    variants = {}
+    for f in files:
+        match = _VARIANT.search(os.path.basename(f))
+        variants.setdefault(match.group(1) if match else "", []).append(f)
+    if variants:
+        return variants.get("", variants.get("fp16") or variants.get("bf16"))
     pickles = [
         f for f in os.listdir(folder) if f.endswith((".bin", ".ckpt", ".pt", ".pth"))
     ]
@@ -89,7 +144,9 @@ class DiffusersFolder:
         for name, spec in index.items():
             if name.startswith("_"):
                 continue
-            cls = spec[1] if isinstance(spec, (list, tuple)) and len(spec) == 2 else None
+            cls = (
+                spec[1] if isinstance(spec, (list, tuple)) and len(spec) == 2 else None
+            )
             if name not in COMPONENT_CLASSES or cls not in COMPONENT_CLASSES[name]:
                 raise ValueError(
                     f"{self.handle}: model_index.json names unknown component "
@@ -100,7 +157,9 @@ class DiffusersFolder:
                 self.components[name] = cls
         missing = [c for c in REQUIRED if c not in self.components]
         if missing:
-            raise ValueError(f"{self.handle}: model_index.json lacks components {missing}.")
+            raise ValueError(
+                f"{self.handle}: model_index.json lacks components {missing}."
+            )
         for name in self.components:
             if not os.path.isdir(self._dir(name)):
                 raise FileNotFoundError(
@@ -121,12 +180,16 @@ class DiffusersFolder:
         transformer = self._config("transformer")
         vae = diffusers_vae.vae_kwargs(self._config("vae"))
         scheduler = {}
-        if os.path.isfile(os.path.join(self._dir("scheduler"), "scheduler_config.json")):
+        if os.path.isfile(
+            os.path.join(self._dir("scheduler"), "scheduler_config.json")
+        ):
             scheduler = self._config("scheduler", "scheduler_config.json")
         factor = 2 ** (len(vae["block_channels"]) - 1)
         size = int(transformer.get("sample_size", 128)) * factor
         return {
-            "clip_l": transformers_text.clip_text_encoder_kwargs(self._config("text_encoder")),
+            "clip_l": transformers_text.clip_text_encoder_kwargs(
+                self._config("text_encoder")
+            ),
             "clip_g": transformers_text.clip_text_encoder_kwargs(
                 self._config("text_encoder_2")
             ),
@@ -144,30 +207,46 @@ class DiffusersFolder:
         }
 
     def backbone_class(self, expected_base=None):
-        from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_backbone import (
-            StableDiffusion3Backbone,
+        from keras_diffusion.models.stable_diffusion_3 import (
+            stable_diffusion_3_backbone as module,
         )
+
+        StableDiffusion3Backbone = module.StableDiffusion3Backbone
 
         return StableDiffusion3Backbone
 
-    def load_backbone(self, expected_base=None, load_weights=True, dtype=None, progress=None):
+    def load_backbone(
+        self, expected_base=None, load_weights=True, dtype=None, progress=None
+    ):
         cls = self.backbone_class()
         if expected_base is not None and not issubclass(cls, expected_base):
-            raise ValueError(f"{self.handle} holds an SD3 model, not a {expected_base.__name__}.")
-        backbone = cls(**self.backbone_config(), dtype=dtype)
-        if load_weights:
+            raise ValueError(
+                f"{self.handle} holds an SD3 model, not a {expected_base.__name__}."
+            )
+        config = self.backbone_config()
+        if not load_weights:
+            return cls(**config, dtype=dtype)
+        with loading_weights() as build:
+            backbone = build(lambda: cls(**config, dtype=dtype))
             self.load_weights(backbone, progress)
         return backbone
 
     def load_weights(self, backbone, progress=None):
+        progress = progress or _PROGRESS.get()
         steps = [
             ("text_encoder", backbone.clip_l, transformers_text.load_clip_text_encoder),
-            ("text_encoder_2", backbone.clip_g, transformers_text.load_clip_text_encoder),
+            (
+                "text_encoder_2",
+                backbone.clip_g,
+                transformers_text.load_clip_text_encoder,
+            ),
             ("transformer", backbone.mmdit, diffusers_mmdit.load_mmdit),
             ("vae", backbone.vae, diffusers_vae.load_vae),
         ]
         if self.has_t5 and backbone.t5 is not None:
-            steps.insert(2, ("text_encoder_3", backbone.t5, transformers_text.load_t5_encoder))
+            steps.insert(
+                2, ("text_encoder_3", backbone.t5, transformers_text.load_t5_encoder)
+            )
         for name, layer, load in steps:
             source = TensorSource.from_files(safetensors_files(self._dir(name), name))
             try:
@@ -182,14 +261,17 @@ class DiffusersFolder:
         return name == "preprocessor.json"
 
     def load_preprocessor(self, expected_base=None):
+        from keras_diffusion.models.stable_diffusion_3 import (
+            stable_diffusion_3_preprocessor as module,
+        )
         from keras_diffusion.models.stable_diffusion_3.clip_tokenizer import (
             CLIPTokenizer,
             load_clip_tokenizer_files,
             read_pad_token,
         )
-        from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_preprocessor import (
-            StableDiffusion3Preprocessor,
-        )
+
+        StableDiffusion3Preprocessor = module.StableDiffusion3Preprocessor
+
         def clip(name):
             folder = self._dir(name)
             vocabulary, merges = load_clip_tokenizer_files(folder)
@@ -202,7 +284,9 @@ class DiffusersFolder:
 
         t5 = None
         if self.has_t5:
-            from keras_diffusion.models.stable_diffusion_3.t5_tokenizer import T5Tokenizer
+            from keras_diffusion.models.stable_diffusion_3.t5_tokenizer import (
+                T5Tokenizer,
+            )
 
             folder = self._dir("tokenizer_3")
             for file in ("tokenizer.json", "spiece.model"):
@@ -213,7 +297,8 @@ class DiffusersFolder:
                     break
             else:
                 raise FileNotFoundError(
-                    f"{self.handle}: tokenizer_3 has neither tokenizer.json nor spiece.model."
+                    f"{self.handle}: tokenizer_3 has neither tokenizer.json nor "
+                    "spiece.model."
                 )
         return StableDiffusion3Preprocessor(clip("tokenizer"), clip("tokenizer_2"), t5)
 

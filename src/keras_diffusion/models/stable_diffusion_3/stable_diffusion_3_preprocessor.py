@@ -50,7 +50,7 @@ class StableDiffusion3Preprocessor(Preprocessor):
         if not isinstance(inputs, dict) or set(inputs) != {"images", "prompts"}:
             raise ValueError(
                 "Training inputs must be a dict with exactly the keys 'images' and "
-                f"'prompts'; got {sorted(inputs) if isinstance(inputs, dict) else inputs!r}."
+                f"'prompts'; got {_describe(inputs)}."
             )
         images, unbatched = to_float_images(inputs["images"])
         prompts = validate_prompts(inputs["prompts"], "prompts")
@@ -59,3 +59,7 @@ class StableDiffusion3Preprocessor(Preprocessor):
                 f"`prompts` has {len(prompts)} entries for {images.shape[0]} images."
             )
         return {"images": np.asarray(images), **self.generate_preprocess(prompts)}
+
+
+def _describe(inputs):
+    return sorted(inputs) if isinstance(inputs, dict) else repr(inputs)
