@@ -103,6 +103,8 @@ class ToyImageToImage(ImageToImage):
         return images + 0.01 * posterior_noise
 
     def denoise(self, latents, noise, conditioning, sigmas, start_index, settings):
+        noise = ops.convert_to_tensor(noise)
+        latents = ops.convert_to_tensor(latents)
         x = sigmas[start_index] * noise + (1 - sigmas[start_index]) * latents
         target = conditioning[:, None, None, :]
         for i in range(start_index, settings.num_steps):
