@@ -30,8 +30,14 @@ def main():
 
     def run(verbose):
         with contextlib.redirect_stdout(io.StringIO()):
-            task.generate(image, "a red circle", num_steps=args.steps, strength=1.0,
-                          seed=0, verbose=verbose)
+            task.generate(
+                image,
+                "a red circle",
+                num_steps=args.steps,
+                strength=1.0,
+                seed=0,
+                verbose=verbose,
+            )
 
     results = {}
     for verbose in (False, True):

@@ -14,6 +14,7 @@ os.environ["HF_HUB_CACHE"] = os.path.join(_HUB_ROOT, "hf")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["KAGGLEHUB_CACHE"] = os.path.join(_HUB_ROOT, "kaggle")
+os.environ["KERAS_DIFFUSION_CACHE"] = os.path.join(_HUB_ROOT, "keras_diffusion")
 os.environ.pop("HF_TOKEN", None)
 
 import keras  # noqa: E402

@@ -117,13 +117,19 @@ def test_repeated_calls_equal_fresh_tasks():
     ):
         images, posterior_noise, noise = _case(batch, height, width, seed=i)
         kwargs = dict(
-            num_steps=steps, guidance_scale=guidance, strength=strength,
-            height=height, width=width, noise=noise, posterior_noise=posterior_noise,
+            num_steps=steps,
+            guidance_scale=guidance,
+            strength=strength,
+            height=height,
+            width=width,
+            noise=noise,
+            posterior_noise=posterior_noise,
         )
         inputs = {"images": images, "prompts": [f"a shape number {i}"] * batch}
         fresh = kd.models.ImageToImage.from_preset("sd3_tiny_demo")
         np.testing.assert_array_equal(
-            task.generate(inputs, **kwargs), fresh.generate(inputs, **kwargs),
+            task.generate(inputs, **kwargs),
+            fresh.generate(inputs, **kwargs),
             err_msg=f"call {i}",
         )
 

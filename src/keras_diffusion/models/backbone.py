@@ -3,6 +3,7 @@
 import keras
 
 from keras_diffusion.api_export import register
+from keras_diffusion.models import lora
 from keras_diffusion.presets import catalogue
 from keras_diffusion.presets.loader import open_preset
 from keras_diffusion.presets.preset_io import save_preset
@@ -16,8 +17,11 @@ class Backbone(keras.Model):
     Subclasses create and build all their sublayers in `__init__` and end it
     with `self.built = True`, so a freshly constructed backbone has its weights
     and can load a preset's weights.
-    `get_config` carries `name`, `trainable` and the dtype policy; subclasses
-    add their own architecture arguments.
+    `get_config` carries `name`, `trainable` and the dtype policy (and the
+    LoRA adapters' `rank`, `alpha` and `target_layers` when `enable_lora` ran,
+    so `from_config` and `from_preset` rebuild them); subclasses add their own
+    architecture arguments. Subclasses name their default LoRA targets in
+    `default_lora_targets` (glob patterns over `Dense` layer paths).
 
     Examples:
     ```python
@@ -26,12 +30,17 @@ class Backbone(keras.Model):
     ```
     """
 
+    default_lora_targets = ()
+
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
         }
+        if self.lora_config is not None:
+            config["lora"] = dict(self.lora_config)
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -39,7 +48,111 @@ class Backbone(keras.Model):
         dtype = config.get("dtype")
         if isinstance(dtype, dict):
             config["dtype"] = keras.dtype_policies.deserialize(dtype)
-        return cls(**config)
+        lora_config = config.pop("lora", None)
+        backbone = cls(**config)
+        if lora_config is not None:
+            backbone.enable_lora(**lora_config)
+        return backbone
+
+    # ------------------------------------------------------------------- LoRA
+    @property
+    def lora_config(self):
+        """`{"rank", "alpha", "target_layers"}` of the adapters, or None."""
+        config = getattr(self, "_lora_config", None)
+        if config is None:
+            return None
+        return {
+            "rank": int(config["rank"]),
+            "alpha": float(config["alpha"]),
+            "target_layers": [str(p) for p in config["target_layers"]],
+        }
+
+    def enable_lora(self, rank, target_layers=None, alpha=None):
+        """Add LoRA adapters; afterwards only the adapters are trainable.
+
+        Uses Keras' `Dense.enable_lora` (`A` He-uniform, `B` zeros, scale
+        `alpha / rank`) on every target. The adapters are saved unmerged by
+        `save_weights` and presets (see `keras_diffusion.models.lora`).
+        Enable LoRA before `compile()`, so the optimizer sees the adapters.
+
+        Args:
+            rank: int, the adapters' rank.
+            target_layers: glob patterns or exact paths of `Dense` layers
+                under the backbone (e.g. `"mmdit/block_*/x_qkv"`); None
+                takes `default_lora_targets`.
+            alpha: float scale numerator; None means `rank` (scale 1).
+
+        Examples:
+        ```python
+        backbone = keras_diffusion.models.Backbone.from_preset("sd3_tiny_demo")
+        backbone.enable_lora(4)
+        [v.path for v in backbone.trainable_weights][:2]
+        # ['mmdit/block_0/x_qkv/lora_kernel_a', 'mmdit/block_0/x_qkv/lora_kernel_b']
+        ```
+        """
+        if self.lora_config is not None:
+            raise ValueError("LoRA is already enabled; `merge_lora()` it first.")
+        targets = self.default_lora_targets if target_layers is None else target_layers
+        self._lora_config = lora.enable(self, rank, targets, alpha)
+
+    def save_lora_weights(self, path):
+        """Save only the LoRA factors (and their config) to a `.safetensors` file.
+
+        Examples:
+        ```python
+        backbone = keras_diffusion.models.Backbone.from_preset("sd3_tiny_demo")
+        backbone.enable_lora(4)
+        backbone.save_lora_weights("adapter.safetensors")
+        ```
+        """
+        if self.lora_config is None:
+            raise ValueError("This backbone has no LoRA adapters to save.")
+        lora.save_factors(self, path, self.lora_config)
+
+    def load_lora_weights(self, path):
+        """Load LoRA factors from `save_lora_weights`' file.
+
+        A backbone without adapters gets them first, with the file's rank,
+        alpha and targets; one with adapters must match the file.
+
+        Examples:
+        ```python
+        trained = keras_diffusion.models.Backbone.from_preset("sd3_tiny_demo")
+        trained.enable_lora(4)
+        trained.save_lora_weights("adapter.safetensors")
+        backbone = keras_diffusion.models.Backbone.from_preset("sd3_tiny_demo")
+        backbone.load_lora_weights("adapter.safetensors")
+        ```
+        """
+        config, tensors = lora.read_factors(path)
+        if self.lora_config is None:
+            self.enable_lora(**config)
+        elif dict(self.lora_config) != config:
+            raise ValueError(
+                f"{path!r} holds LoRA {config}, but this backbone has "
+                f"{dict(self.lora_config)}."
+            )
+        lora.assign_factors(self, tensors)
+
+    def merge_lora(self):
+        """Fold the adapters into their kernels and remove them.
+
+        The backbone then computes what it computed with the adapters (up to
+        float rounding), its config has no `lora`, and the other weights get
+        back the trainable flags they had before `enable_lora`.
+
+        Examples:
+        ```python
+        backbone = keras_diffusion.models.Backbone.from_preset("sd3_tiny_demo")
+        backbone.enable_lora(4)
+        backbone.merge_lora()
+        backbone.lora_config  # None
+        ```
+        """
+        if self.lora_config is None:
+            raise ValueError("This backbone has no LoRA adapters to merge.")
+        lora.merge(self)
+        self._lora_config = None
 
     @classproperty
     def presets(cls):

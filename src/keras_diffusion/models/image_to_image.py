@@ -8,6 +8,8 @@ import numpy as np
 from keras_diffusion.api_export import register
 from keras_diffusion.models import generate_inputs as gi
 from keras_diffusion.models.task import Task
+from keras_diffusion.models.training import RectifiedFlowTraining
+from keras_diffusion.utils.backend import compile_function
 
 DEFAULT_SAMPLING = {"num_steps": 50, "guidance_scale": 7.0, "strength": 0.8}
 
@@ -27,7 +29,7 @@ def _is_prompt_like(value):
 
 
 @register
-class ImageToImage(Task):
+class ImageToImage(RectifiedFlowTraining, Task):
     """Base class for image-to-image tasks.
 
     `generate()` is written once here and reads like a recipe: validate and
@@ -36,35 +38,89 @@ class ImageToImage(Task):
     model-specific hooks: `latent_shape`, `schedule`, `encode_text`,
     `encode_image`, `denoise` and `decode`.
 
+    `fit()` fine-tunes with the rectified-flow objective
+    (`keras_diffusion.models.training`); subclasses fill in the training
+    hooks `train_encode_images`, `train_encode_prompts`, `train_latents` and
+    `train_velocity`. `precompute()` caches the frozen encoders' outputs.
+
     Args:
         backbone: a `Backbone`.
         preprocessor: a `Preprocessor`, or None.
         sampling: optional dict of defaults for `generate`: `num_steps`,
             `guidance_scale`, `strength`, `height`, `width`.
+        timestep_sampling: "logit_normal" (default) or "uniform": how `fit`
+            draws `t`.
+        logit_mean, logit_std: the logit-normal's parameters (0 and 1).
+        prompt_dropout: probability that `fit` replaces a prompt by "" (0.1).
+        trainable_components: names of the backbone components `fit`
+            trains (the others are frozen); None takes the subclass default
+            (SD3: `("mmdit",)`).
+        seed: optional int seeding `fit`'s random draws.
 
     Examples:
     ```python
     task = keras_diffusion.models.ImageToImage.from_preset("sd3_tiny_demo")
     image = np.zeros((64, 64, 3), dtype="uint8")
     task.generate(image, "a red circle on a blue background", seed=0)
+
+    task.compile()  # AdamW(1e-4), MSE loss
+    images = np.zeros((2, 64, 64, 3), dtype="uint8")
+    task.fit({"images": images, "prompts": ["a red circle", ""]}, batch_size=2)
     ```
     """
 
     resolution_multiple = 16
 
-    def __init__(self, backbone, preprocessor=None, sampling=None, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        preprocessor=None,
+        sampling=None,
+        timestep_sampling="logit_normal",
+        logit_mean=0.0,
+        logit_std=1.0,
+        prompt_dropout=0.1,
+        trainable_components=None,
+        seed=None,
+        **kwargs,
+    ):
         super().__init__(backbone, preprocessor, **kwargs)
         self.sampling = dict(sampling or {})
+        self._compiled = {}
+        self._compiled_signature = None
+        self._init_training(
+            timestep_sampling,
+            logit_mean,
+            logit_std,
+            prompt_dropout,
+            trainable_components,
+            seed,
+        )
 
     def task_config(self):
-        return {**super().task_config(), "sampling": dict(self.sampling)}
+        return {
+            **super().task_config(),
+            "sampling": dict(self.sampling),
+            **self.training_config(),
+        }
 
-    def compile(self, optimizer="auto", loss="auto", metrics="auto", **kwargs):
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        metrics="auto",
+        timestep_sampling=None,
+        prompt_dropout=None,
+        **kwargs,
+    ):
         """Configure training; "auto" picks AdamW, an MSE loss and an MSE metric.
 
         The "auto" optimizer is AdamW(learning_rate=1e-4, weight_decay=1e-2,
         epsilon=1e-8, clipnorm=1.0). Any argument overrides its default.
+        `timestep_sampling` and `prompt_dropout`, when given, replace the
+        task's settings (see the class arguments).
         """
+        self._set_training_options(timestep_sampling, prompt_dropout)
         if optimizer == "auto":
             optimizer = keras.optimizers.AdamW(
                 learning_rate=1e-4, weight_decay=1e-2, epsilon=1e-8, clipnorm=1.0
@@ -74,6 +130,20 @@ class ImageToImage(Task):
         if metrics == "auto":
             metrics = [keras.metrics.MeanSquaredError()]
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def _function(self, key, fn):
+        """`fn` compiled once per key (and per set of backbone variables).
+
+        Enabling or merging LoRA changes the backbone's variables; the
+        functions compiled for the old set are then dropped.
+        """
+        signature = hash(tuple(id(v) for v in self.backbone.variables))
+        if signature != self._compiled_signature:
+            self._compiled.clear()
+            self._compiled_signature = signature
+        if key not in self._compiled:
+            self._compiled[key] = compile_function(fn, self.backbone.variables)
+        return self._compiled[key]
 
     # ------------------------------------------------------------------ hooks
     def default_resolution(self):

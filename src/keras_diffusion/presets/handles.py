@@ -4,7 +4,8 @@ Handles come in four forms:
 
 - a built-in name from the catalogue (`stable_diffusion_3_medium`);
 - `kaggle://OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION]`, through `kagglehub`;
-- `hf://OWNER/REPO[@REVISION]`, through `huggingface_hub`;
+- `hf://OWNER/REPO[@REVISION]`, through `huggingface_hub` (a diffusers-layout
+  repo resolves to its cached keras_diffusion conversion: `hf_conversion`);
 - a path to a local folder (or, for checkpoints, a local file).
 
 Anything else is a ValueError that says which forms are accepted.
@@ -121,7 +122,10 @@ def resolve(preset, allow_patterns=None):
         return resolve_builtin(handle.value, allow_patterns)
     if handle.kind == "kaggle":
         return download_kaggle(handle.value)
-    return download_hf(handle.value, handle.revision, allow_patterns)
+    # A diffusers-layout repo resolves to its cached keras_diffusion conversion.
+    from keras_diffusion.presets import hf_conversion
+
+    return hf_conversion.resolve_hf(handle.value, handle.revision, allow_patterns)
 
 
 def resolve_builtin(name, allow_patterns=None):

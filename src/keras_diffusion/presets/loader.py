@@ -9,7 +9,7 @@ themselves ahead of it with `register_format`.
 
 import os
 
-from keras_diffusion.presets import handles
+from keras_diffusion.presets import handles, hf_conversion
 from keras_diffusion.presets.preset_io import CONFIG_FILE, PresetFolder, is_preset
 
 _FORMATS = []
@@ -32,6 +32,8 @@ def open_preset(preset):
         if detect(path):
             return opener(path, preset)
     if _is_native(path):
+        if hf_conversion.is_converted_preset(path):
+            return hf_conversion.open_converted(path, handle=preset)
         return PresetFolder(path, handle=preset)
     if not os.path.exists(path):
         raise FileNotFoundError(

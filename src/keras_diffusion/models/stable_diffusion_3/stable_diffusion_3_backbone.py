@@ -6,6 +6,7 @@ from keras_diffusion.api_export import register
 from keras_diffusion.models.backbone import Backbone
 from keras_diffusion.models.stable_diffusion_3.clip_text_encoder import CLIPTextEncoder
 from keras_diffusion.models.stable_diffusion_3.mmdit import MMDiT
+from keras_diffusion.models.stable_diffusion_3.mmdit_lora import DEFAULT_LORA_TARGETS
 from keras_diffusion.models.stable_diffusion_3.t5_encoder import T5Encoder
 from keras_diffusion.models.stable_diffusion_3.vae import VAE
 
@@ -36,6 +37,9 @@ class StableDiffusion3Backbone(Backbone):
     )
     ```
     """
+
+    # LoRA targets of `enable_lora`: the MMDiT attention projections.
+    default_lora_targets = DEFAULT_LORA_TARGETS
 
     def __init__(
         self,
@@ -102,6 +106,43 @@ class StableDiffusion3Backbone(Backbone):
             (None, self.mmdit.pooled_dim),
             (None,),
         )
+
+    @staticmethod
+    def get_layout_map(device_mesh, model_parallel_dim_name="model"):
+        """A `LayoutMap` sharding the large weights over the model axis.
+
+        The fused q/k/v, AdaLN modulation and first MLP kernels (and their
+        biases) are split along their outputs, the attention output and
+        second MLP kernels along their inputs, in both MMDiT streams and in
+        the CLIP-L, CLIP-G and T5 encoder layers; the token and position
+        tables along their width; the rest is replicated (see
+        `keras_diffusion.models.stable_diffusion_3.distribution`). Pass it to
+        `keras.distribution.ModelParallel`, set that distribution, then
+        create or load the model.
+
+        Args:
+            device_mesh: a `keras.distribution.DeviceMesh`, e.g. of shape
+                `(2, 4)` with axis names `("batch", "model")`.
+            model_parallel_dim_name: the mesh axis to split kernels over.
+
+        Examples:
+        ```python
+        devices = keras.distribution.list_devices()
+        mesh = keras.distribution.DeviceMesh(
+            (1, len(devices)), ("batch", "model"), devices
+        )
+        layout_map = StableDiffusion3Backbone.get_layout_map(mesh)
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(
+                layout_map=layout_map, batch_dim_name="batch"
+            )
+        )
+        task = keras_diffusion.models.ImageToImage.from_preset("sd3_tiny_demo")
+        ```
+        """
+        from keras_diffusion.models.stable_diffusion_3 import distribution
+
+        return distribution.layout_map(device_mesh, model_parallel_dim_name)
 
     # ------------------------------------------------------------ step methods
     def encode_text(self, clip_l_ids, clip_g_ids, t5_ids=None):
@@ -172,5 +213,3 @@ class StableDiffusion3Backbone(Backbone):
             "height": self.height,
             "width": self.width,
         }
-
-

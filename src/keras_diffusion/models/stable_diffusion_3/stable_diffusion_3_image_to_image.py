@@ -1,5 +1,6 @@
 """`StableDiffusion3ImageToImage`: the SD3 hooks of the base generate recipe."""
 
+import dataclasses
 import math
 
 import keras
@@ -7,6 +8,7 @@ import numpy as np
 from keras import ops
 
 from keras_diffusion.api_export import register
+from keras_diffusion.models import generate_inputs as gi
 from keras_diffusion.models.image_to_image import ImageToImage
 from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_backbone import (
     StableDiffusion3Backbone,
@@ -15,7 +17,12 @@ from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_preprocessor i
     StableDiffusion3Preprocessor,
 )
 from keras_diffusion.samplers import flow_match
-from keras_diffusion.utils.backend import compile_function
+from keras_diffusion.utils.backend import (
+    active_distribution,
+    data_parallel_size,
+    distribute_batch,
+    lay_out_variables,
+)
 
 # Sigmas are padded to a multiple of this, so a new `num_steps` reuses the
 # compiled loop instead of tracing a new one.
@@ -33,6 +40,12 @@ class StableDiffusion3ImageToImage(ImageToImage):
     result is decoded. Every per-call value (sigmas, step range, guidance,
     batch, resolution) is an argument of the compiled functions.
 
+    On jax, `generate` follows `keras.distribution`: under `DataParallel`
+    or `ModelParallel` the batch (images, noise, text embeddings, latents)
+    is split over the mesh's "batch" axis, padded with copies of its last
+    item when it does not divide evenly, and the weights stay where the
+    distribution put them (see `StableDiffusion3Backbone.get_layout_map`).
+
     Args:
         backbone: a `StableDiffusion3Backbone`.
         preprocessor: a `StableDiffusion3Preprocessor`.
@@ -49,14 +62,29 @@ class StableDiffusion3ImageToImage(ImageToImage):
     backbone_cls = StableDiffusion3Backbone
     preprocessor_cls = StableDiffusion3Preprocessor
 
-    def __init__(self, backbone, preprocessor=None, sampling=None, **kwargs):
-        super().__init__(backbone, preprocessor, sampling, **kwargs)
-        self._compiled = {}
+    default_trainable_components = ("mmdit",)
 
-    def _function(self, key, fn):
-        if key not in self._compiled:
-            self._compiled[key] = compile_function(fn, self.backbone.variables)
-        return self._compiled[key]
+    def _generate_batch(self, batch, settings, rng):
+        if active_distribution() is None:
+            return super()._generate_batch(batch, settings, rng)
+        lay_out_variables(self.backbone.variables)
+        size = len(batch["prompts"])
+        split = data_parallel_size()
+        padded = split * math.ceil(size / split)
+        if padded == size:
+            return super()._generate_batch(batch, settings, rng)
+        # Draw the noise as the base class does (same order, same shape), so
+        # a seed means the same images however many devices run them.
+        shape = (size, *self.latent_shape(settings.height, settings.width))
+        noises = {}
+        for name in ("posterior_noise", "noise"):
+            given = gi.check_noise(getattr(settings, name), name, shape)
+            drawn = rng.standard_normal(shape, dtype=np.float32)
+            noises[name] = _pad_rows(drawn if given is None else given, padded)
+        batch = {key: _pad_rows(value, padded) for key, value in batch.items()}
+        settings = dataclasses.replace(settings, **noises)
+        images = super()._generate_batch(batch, settings, np.random.default_rng(0))
+        return images[:size]
 
     # ------------------------------------------------------------------ hooks
     def default_resolution(self):
@@ -81,7 +109,7 @@ class StableDiffusion3ImageToImage(ImageToImage):
             lambda *args: self.backbone.encode_text(*args),
         )
         args = [ids["clip_l"], ids["clip_g"]] + ([ids["t5"]] if has_t5 else [])
-        context, pooled = encode(*[ops.convert_to_tensor(a) for a in args])
+        context, pooled = encode(*[distribute_batch(a) for a in args])
         return {"context": context, "pooled": pooled, "cfg": use_guidance}
 
     def encode_image(self, images, posterior_noise):
@@ -90,8 +118,10 @@ class StableDiffusion3ImageToImage(ImageToImage):
             return self.backbone.posterior_latents(mean, log_variance, noise)
 
         return self._function(("encode_image",), fn)(
-            ops.convert_to_tensor(images, self.backbone.compute_dtype),
-            ops.convert_to_tensor(posterior_noise, "float32"),
+            distribute_batch(
+                ops.convert_to_tensor(images, self.backbone.compute_dtype)
+            ),
+            distribute_batch(ops.convert_to_tensor(posterior_noise, "float32")),
         )
 
     def denoise(self, latents, noise, conditioning, sigmas, start_index, settings):
@@ -102,12 +132,13 @@ class StableDiffusion3ImageToImage(ImageToImage):
         padded[: len(sigmas)] = sigmas
         cfg = conditioning["cfg"]
         args = dict(
-            context=conditioning["context"],
-            pooled=conditioning["pooled"],
+            context=distribute_batch(conditioning["context"]),
+            pooled=distribute_batch(conditioning["pooled"]),
             sigmas=ops.convert_to_tensor(padded),
             guidance=ops.convert_to_tensor(np.float32(settings.guidance_scale)),
         )
-        noise = ops.convert_to_tensor(noise, "float32")
+        latents = distribute_batch(latents)
+        noise = distribute_batch(ops.convert_to_tensor(noise, "float32"))
         if settings.verbose or settings.callback is not None:
             return self._denoise_stepwise(
                 latents, noise, start_index, num_steps, cfg, args, settings
@@ -166,5 +197,33 @@ class StableDiffusion3ImageToImage(ImageToImage):
                 settings.callback(i + 1, num_steps, x)
         return x
 
+    # --------------------------------------------------------- training hooks
+    def train_encode_images(self, images):
+        return self.backbone.encode_image(ops.cast(images, self.backbone.compute_dtype))
+
+    def train_encode_prompts(self, token_ids):
+        context, pooled = self.backbone.encode_text(
+            token_ids["clip_l"], token_ids["clip_g"], token_ids.get("t5")
+        )
+        return {"context": context, "pooled": pooled}
+
+    def train_latents(self, mean, log_variance, noise):
+        return self.backbone.posterior_latents(mean, log_variance, noise)
+
+    def train_velocity(self, latents, t, conditioning):
+        context = ops.cast(conditioning["context"], self.backbone.compute_dtype)
+        pooled = ops.cast(conditioning["pooled"], self.backbone.compute_dtype)
+        return self.backbone.guided_velocity(latents, context, pooled, t, 1.0, False)
+
     def decode(self, latents):
-        return self._function(("decode",), self.backbone.decode)(latents)
+        return self._function(("decode",), self.backbone.decode)(
+            distribute_batch(latents)
+        )
+
+
+def _pad_rows(value, size):
+    """Repeat the last item of `value` (array or list) up to `size` items."""
+    missing = size - len(value)
+    if isinstance(value, list):
+        return value + value[-1:] * missing
+    return np.concatenate([value, np.repeat(value[-1:], missing, axis=0)], axis=0)
