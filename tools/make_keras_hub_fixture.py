@@ -92,7 +92,23 @@ def randomise(model, seed):
         variable.assign(values.astype(dtype))
 
 
-def build_task(vocab_path, merges_path, vocabulary_size):
+# The fixture's architecture; benchmarks/ builds larger ones with the same code.
+FIXTURE_SPEC = {
+    "size": SIZE,
+    "clip_l_width": 32,
+    "clip_g_width": 48,
+    "mmdit_hidden_dim": 32,
+    "mmdit_num_layers": 3,
+    "mmdit_num_heads": 4,
+    "mmdit_position_size": 8,
+    "mmdit_qk_norm": "rms_norm",
+    "mmdit_dual_attention_indices": (0,),
+    "vae_channels": (32, 32, 32, 32),
+}
+
+
+def build_task(vocab_path, merges_path, vocabulary_size, spec=None, seed=SEED):
+    """A keras-hub SD3 img2img task with random weights, shaped by `spec`."""
     import keras_hub
     from keras_hub.src.models.clip.clip_preprocessor import CLIPPreprocessor
     from keras_hub.src.models.clip.clip_text_encoder import CLIPTextEncoder
@@ -113,10 +129,12 @@ def build_task(vocab_path, merges_path, vocabulary_size):
             name=name,
         )
 
+    spec = {**FIXTURE_SPEC, **(spec or {})}
+    channels = list(spec["vae_channels"])
     vae = VAEBackbone(
-        encoder_num_filters=[32, 32, 32, 32],
+        encoder_num_filters=channels,
         encoder_num_blocks=[1, 1, 1, 1],
-        decoder_num_filters=[32, 32, 32, 32],
+        decoder_num_filters=channels[::-1],
         decoder_num_blocks=[2, 2, 2, 2],
         sampler_method="sample",
         input_channels=3,
@@ -127,19 +145,19 @@ def build_task(vocab_path, merges_path, vocabulary_size):
     )
     backbone = keras_hub.models.StableDiffusion3Backbone(
         mmdit_patch_size=2,
-        mmdit_hidden_dim=32,
-        mmdit_num_layers=3,
-        mmdit_num_heads=4,
-        mmdit_position_size=8,
-        mmdit_qk_norm="rms_norm",
-        mmdit_dual_attention_indices=(0,),
+        mmdit_hidden_dim=spec["mmdit_hidden_dim"],
+        mmdit_num_layers=spec["mmdit_num_layers"],
+        mmdit_num_heads=spec["mmdit_num_heads"],
+        mmdit_position_size=spec["mmdit_position_size"],
+        mmdit_qk_norm=spec["mmdit_qk_norm"],
+        mmdit_dual_attention_indices=tuple(spec["mmdit_dual_attention_indices"]),
         vae=vae,
-        clip_l=clip(32, "quick_gelu", "clip_l"),
-        clip_g=clip(48, "gelu", "clip_g"),
+        clip_l=clip(spec["clip_l_width"], "quick_gelu", "clip_l"),
+        clip_g=clip(spec["clip_g_width"], "gelu", "clip_g"),
         t5=None,
-        image_shape=(SIZE, SIZE, 3),
+        image_shape=(spec["size"], spec["size"], 3),
     )
-    randomise(backbone, SEED)
+    randomise(backbone, seed)
 
     def preprocessor(pad_with_end_token):
         tokenizer = CLIPTokenizer(

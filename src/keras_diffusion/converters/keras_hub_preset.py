@@ -240,8 +240,12 @@ class KerasHubPreset:
             f"{SHARDED_WEIGHTS_FILE!r}."
         )
 
-    def load_weights(self, backbone):
-        weights = self._weights()
+    def weight_sources(self, weights):
+        """Each component's keras-hub weights as transformers / diffusers tensors.
+
+        Returns `{"clip_l", "clip_g", "mmdit", "vae"}` -> a lazy mapping from
+        a transformers / diffusers tensor name to its array (torch layout).
+        """
         top = weights.groups("layers/")
         clip = [self.kwargs["clip_l"], self.kwargs["clip_g"]]
         # Keras names the two CLIP encoders (and projections) by class and
@@ -273,34 +277,36 @@ class KerasHubPreset:
         levels = len(vae["block_channels"])
         encoder_blocks = [vae["encoder_layers_per_block"]] * levels
         decoder_blocks = [vae["decoder_layers_per_block"]] * levels
-        load_clip = transformers_text.load_clip_text_encoder
-        steps = [
-            (
-                layer,
-                load_clip,
-                khw.clip_source(weights, f"layers/{e}", f"layers/{q}", c["num_layers"]),
+        sources = {
+            name: khw.clip_source(
+                weights, f"layers/{e}", f"layers/{q}", c["num_layers"]
             )
-            for layer, e, q, c in zip(
-                (backbone.clip_l, backbone.clip_g), encoders, projections, clip
-            )
-        ]
-        steps.append(
-            (
-                backbone.mmdit,
-                diffusers_mmdit.load_mmdit,
-                khw.mmdit_source(
-                    weights,
-                    root,
-                    mmdit["num_layers"],
-                    mmdit["dual_attention_layers"],
-                    context,
-                    output,
-                ),
-            )
+            for name, e, q, c in zip(("clip_l", "clip_g"), encoders, projections, clip)
+        }
+        sources["mmdit"] = khw.mmdit_source(
+            weights,
+            root,
+            mmdit["num_layers"],
+            mmdit["dual_attention_layers"],
+            context,
+            output,
         )
         vae_roots = ("layers/vae_encoder", "layers/vae_decoder")
-        vae_source = khw.vae_source(weights, *vae_roots, encoder_blocks, decoder_blocks)
-        steps.append((backbone.vae, diffusers_vae.load_vae, vae_source))
+        sources["vae"] = khw.vae_source(
+            weights, *vae_roots, encoder_blocks, decoder_blocks
+        )
+        return sources
+
+    def load_weights(self, backbone):
+        weights = self._weights()
+        sources = self.weight_sources(weights)
+        load_clip = transformers_text.load_clip_text_encoder
+        steps = [
+            (backbone.clip_l, load_clip, sources["clip_l"]),
+            (backbone.clip_g, load_clip, sources["clip_g"]),
+            (backbone.mmdit, diffusers_mmdit.load_mmdit, sources["mmdit"]),
+            (backbone.vae, diffusers_vae.load_vae, sources["vae"]),
+        ]
         for layer, load, source in steps:
             try:
                 load(layer, source)

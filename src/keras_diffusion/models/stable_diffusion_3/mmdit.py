@@ -19,6 +19,7 @@ from keras_diffusion.models.stable_diffusion_3.mmdit_blocks import (
     modulate,
     timestep_embedding,
 )
+from keras_diffusion.utils.backend import linear
 
 
 @register
@@ -209,7 +210,15 @@ class MMDiT(keras.layers.Layer):
         table = ops.slice(table, (top, left, 0), (grid_h, grid_w, self.hidden_dim))
         return ops.reshape(ops.cast(table, "float32"), (1, -1, self.hidden_dim))
 
-    def call(self, latents, context, pooled, timestep):
+    def embed_context(self, context):
+        """Text context -> the token stream's input, `(B, T, hidden)` float32.
+
+        It does not depend on the timestep: a sampling loop computes it once
+        and passes `context_embedded=True` to every step.
+        """
+        return ops.cast(linear(self.context_embedding, context), "float32")
+
+    def call(self, latents, context, pooled, timestep, context_embedded=False):
         p = self.patch_size
         shape = ops.shape(latents)
         batch = shape[0]
@@ -227,7 +236,8 @@ class MMDiT(keras.layers.Layer):
         p_emb = self.pooled_dense_2(self.pooled_dense_1(pooled))
         conditioning = ops.silu(t_emb + p_emb)
 
-        context = ops.cast(self.context_embedding(context), "float32")
+        if not context_embedded:
+            context = self.embed_context(context)
         for block in self.blocks:
             if block.context_pre_only:
                 x = block(x, context, conditioning)
@@ -235,14 +245,19 @@ class MMDiT(keras.layers.Layer):
                 x, context = block(x, context, conditioning)
 
         scale, shift = ops.split(self.output_modulation(conditioning), 2, axis=-1)
-        x = self.output_projection(modulate(layer_norm(x), shift, scale))
+        x = linear(self.output_projection, modulate(layer_norm(x), shift, scale))
         c = self.latent_channels
         x = ops.reshape(x, (batch, grid_h, grid_w, p, p, c))
         x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
         return ops.reshape(x, (batch, grid_h * p, grid_w * p, c))
 
     def compute_output_shape(
-        self, latents_shape, context_shape=None, pooled_shape=None, timestep_shape=None
+        self,
+        latents_shape,
+        context_shape=None,
+        pooled_shape=None,
+        timestep_shape=None,
+        context_embedded=False,
     ):
         return tuple(latents_shape)
 

@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from keras_diffusion.api_export import register
+from keras_diffusion.utils.backend import attention, linear
 
 LAYER_NORM_EPSILON = 1e-6
 QK_NORM_EPSILON = 1e-6
@@ -148,7 +149,8 @@ class FeedForward(keras.layers.Layer):
         self.dense_2.build((None, None, self.hidden_dim * self.mlp_ratio))
 
     def call(self, x):
-        return self.dense_2(ops.gelu(self.dense_1(x), approximate=True))
+        hidden = ops.gelu(linear(self.dense_1, x), approximate=True)
+        return linear(self.dense_2, hidden)
 
     def get_config(self):
         config = super().get_config()
@@ -302,8 +304,8 @@ class MMDiTBlock(keras.layers.Layer):
         return q, k, v
 
     def _attend(self, q, k, v):
-        # Fused attention; softmax runs in float32 on every backend.
-        out = ops.dot_product_attention(q, k, v)
+        # Softmax in float32; the backend's fastest CPU path (utils.backend).
+        out = attention(q, k, v)
         shape = ops.shape(out)
         return ops.reshape(out, (shape[0], shape[1], self.hidden_dim))
 
@@ -326,9 +328,13 @@ class MMDiTBlock(keras.layers.Layer):
         else:
             c_in = modulate(layer_norm(context), cmod[0], cmod[1])
 
-        qx, kx, vx = self._heads(self.x_qkv(x_in), self.x_query_norm, self.x_key_norm)
+        qx, kx, vx = self._heads(
+            linear(self.x_qkv, x_in), self.x_query_norm, self.x_key_norm
+        )
         qc, kc, vc = self._heads(
-            self.context_qkv(c_in), self.context_query_norm, self.context_key_norm
+            linear(self.context_qkv, c_in),
+            self.context_query_norm,
+            self.context_key_norm,
         )
         # Joint attention over [image tokens; text tokens]. A pre-only block
         # drops its text outputs, so only image queries are computed.
@@ -337,16 +343,16 @@ class MMDiTBlock(keras.layers.Layer):
         v = ops.concatenate([vx, vc], axis=1)
         attention = self._attend(q, k, v)
         num_x = ops.shape(x)[1]
-        x_attention = self.x_attention_output(attention[:, :num_x])
+        x_attention = linear(self.x_attention_output, attention[:, :num_x])
         x = x + gate_msa[:, None, :] * ops.cast(x_attention, f32)
 
         if self.dual_attention:
             shift_msa2, scale_msa2, gate_msa2 = mod[6:]
             x_in2 = modulate(x_norm, shift_msa2, scale_msa2)
             q2, k2, v2 = self._heads(
-                self.x_qkv_2(x_in2), self.x_query_norm_2, self.x_key_norm_2
+                linear(self.x_qkv_2, x_in2), self.x_query_norm_2, self.x_key_norm_2
             )
-            x_attention2 = self.x_attention_output_2(self._attend(q2, k2, v2))
+            x_attention2 = linear(self.x_attention_output_2, self._attend(q2, k2, v2))
             x = x + gate_msa2[:, None, :] * ops.cast(x_attention2, f32)
 
         x_mlp = self.x_mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
@@ -355,7 +361,7 @@ class MMDiTBlock(keras.layers.Layer):
             return x
 
         c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod[2:]
-        c_attention = self.context_attention_output(attention[:, num_x:])
+        c_attention = linear(self.context_attention_output, attention[:, num_x:])
         context = context + c_gate_msa[:, None, :] * ops.cast(c_attention, f32)
         c_mlp = self.context_mlp(
             modulate(layer_norm(context), c_shift_mlp, c_scale_mlp)

@@ -179,17 +179,30 @@ class StableDiffusion3Backbone(Backbone):
         z = ops.cast(mean, "float32") + std * ops.cast(noise, "float32")
         return self.vae.scale_latents(z)
 
-    def guided_velocity(self, latents, context, pooled, sigma, guidance_scale, cfg):
+    def guided_velocity(
+        self,
+        latents,
+        context,
+        pooled,
+        sigma,
+        guidance_scale,
+        cfg,
+        context_embedded=False,
+    ):
         """One MMDiT evaluation at `sigma`, with classifier-free guidance.
 
         With `cfg`, `context`/`pooled` hold [negative; positive] halves and
-        both run as one batch: v = v_neg + g·(v_pos − v_neg).
+        both run as one batch: v = v_neg + g·(v_pos − v_neg). A sampling loop
+        passes `mmdit.embed_context(context)` once, with `context_embedded`.
         """
         x = ops.concatenate([latents, latents], axis=0) if cfg else latents
         batch = ops.shape(x)[0]
         timestep = ops.full((batch,), 1000.0, "float32") * ops.cast(sigma, "float32")
         x = ops.cast(x, self.compute_dtype)
-        velocity = ops.cast(self.mmdit(x, context, pooled, timestep), "float32")
+        velocity = self.mmdit(
+            x, context, pooled, timestep, context_embedded=context_embedded
+        )
+        velocity = ops.cast(velocity, "float32")
         if not cfg:
             return velocity
         negative, positive = ops.split(velocity, 2, axis=0)

@@ -160,11 +160,14 @@ class StableDiffusion3ImageToImage(ImageToImage):
 
         def loop(x0, noise, context, pooled, sigmas, start, end, guidance):
             x = flow_match.add_noise(x0, noise, ops.take(sigmas, start))
+            tokens = backbone.mmdit.embed_context(context)  # once, not per step
 
             def body(i, x):
                 sigma = ops.take(sigmas, i)
                 sigma_next = ops.take(sigmas, i + 1)
-                v = backbone.guided_velocity(x, context, pooled, sigma, guidance, cfg)
+                v = backbone.guided_velocity(
+                    x, tokens, pooled, sigma, guidance, cfg, context_embedded=True
+                )
                 return flow_match.euler_step(x, v, sigma, sigma_next)
 
             return ops.fori_loop(start, end, body, x)

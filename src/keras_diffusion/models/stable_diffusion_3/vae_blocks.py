@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from keras_diffusion.api_export import register
+from keras_diffusion.utils.backend import attention
 
 
 def _conv(filters, kernel_size, name, dtype, strides=1, padding="same"):
@@ -197,7 +198,7 @@ class AttentionBlock(keras.layers.Layer):
             # (B, T, C) -> (B, T, 1 head, C), in float32 for the softmax.
             return ops.expand_dims(ops.cast(layer(tokens), "float32"), 2)
 
-        attended = ops.dot_product_attention(
+        attended = attention(
             heads(self.to_q),
             heads(self.to_k),
             heads(self.to_v),
