@@ -3,17 +3,19 @@
     python tools/convert_checkpoint.py SOURCE OUTPUT [--dtype bfloat16]
 
 SOURCE is anything `ImageToImage.from_preset` accepts: a diffusers SD3 /
-SD3.5 folder (with `model_index.json`), a keras_diffusion preset folder, a
-built-in preset name, or a `kaggle://` / `hf://` handle. OUTPUT receives a
-task preset (config.json, task.json, preprocessor.json, metadata.json,
-model.weights.h5, assets/), written atomically: a failed conversion leaves
-no partial OUTPUT, and an existing preset there is only replaced once the
-new one is complete. `--dtype` sets the dtype policy the weights are stored
-and later loaded with (e.g. bfloat16 halves the file).
+SD3.5 folder (with `model_index.json`), a Stability single-file checkpoint
+(`sd3.5_medium.safetensors`, or the folder holding it; see
+`keras_diffusion.converters.stability_single_file`), a keras_diffusion
+preset folder, a built-in preset name, or a `kaggle://` / `hf://` handle.
+OUTPUT receives a task preset (config.json, task.json, preprocessor.json,
+metadata.json, model.weights.h5, assets/), written atomically: a failed
+conversion leaves no partial OUTPUT, and an existing preset there is only
+replaced once the new one is complete. `--dtype` sets the dtype policy the
+weights are stored and later loaded with (e.g. bfloat16 halves the file).
 
 The conversion is `ImageToImage.from_preset(SOURCE).save_to_preset(OUTPUT)`,
 printing a line per component as its weights are converted (diffusers
-folders), then a summary of every component.
+folders and single files), then a summary of every component.
 
 Examples:
 
@@ -44,10 +46,13 @@ COMPONENTS = ("clip_l", "clip_g", "t5", "mmdit", "vae")
 
 def _parser():
     parser = argparse.ArgumentParser(
-        description="Convert a checkpoint (a diffusers SD3 folder, or any "
-        "handle `from_preset` accepts) into a keras_diffusion task preset."
+        description="Convert a checkpoint (a diffusers SD3 folder, a Stability "
+        "single-file .safetensors, or any handle `from_preset` accepts) into a "
+        "keras_diffusion task preset."
     )
-    parser.add_argument("source", help="diffusers folder, preset folder or handle")
+    parser.add_argument(
+        "source", help="diffusers folder, single file, preset folder or handle"
+    )
     parser.add_argument("output", help="folder to write the preset to")
     parser.add_argument(
         "--dtype",

@@ -131,11 +131,21 @@ class TensorSource:
             return entry.copy()
         path, info, data_start = entry
         begin, end = info["data_offsets"]
-        dtype = _DTYPES[info["dtype"]]
-        with open(path, "rb") as f:
+        # Read straight into the array's memory: one copy of the tensor, not
+        # a bytes object and then an array.
+        array = np.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        with open(path, "rb", buffering=0) as f:
             f.seek(data_start + begin)
-            buffer = f.read(end - begin)
-        return np.frombuffer(buffer, dtype=dtype).reshape(info["shape"]).copy()
+            view = memoryview(array.reshape(-1).view(np.uint8))
+            done = 0
+            while done < end - begin:
+                count = f.readinto(view[done:])
+                if not count:
+                    raise SafetensorsError(
+                        f"{path} was truncated while tensor {name!r} was read."
+                    )
+                done += count
+        return array
 
     def _entry(self, name):
         key = self._prefix + name
@@ -156,5 +166,5 @@ def assign(variable, array, name):
             f"the model expects {tuple(variable.shape)} for {variable.path!r}."
         )
     if np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16:
-        array = array.astype(np.float32)
+        array = array.astype(np.float32, copy=False)  # no copy of float32 data
     variable.assign(array)
