@@ -14,6 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from keras_diffusion.utils.backend import assign_array
+
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -167,4 +169,4 @@ def assign(variable, array, name):
         )
     if np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16:
         array = array.astype(np.float32, copy=False)  # no copy of float32 data
-    variable.assign(array)
+    assign_array(variable, array)

@@ -22,6 +22,8 @@ mesh's batch axis, and `jax.jit` compiles for the shardings it is given.
 """
 
 import contextlib
+import functools
+import sys
 import warnings
 
 import keras
@@ -150,14 +152,25 @@ def loading_weights():
     inside the `with` block. On leaving the block, any variable still
     unassigned gets its initializer after all, so no model is left
     half-built. Other backends initialize eagerly and cheaply; there
-    `build` just calls `factory`.
+    `build` calls `factory` and then hands the initializers' freed
+    temporaries back to the system (`release_freed_memory`), as does
+    leaving the block.
 
         with loading_weights() as build:
             backbone = build(lambda: cls(**config))
             backbone.load_weights(path)
     """
     if backend_name() != "jax":
-        yield lambda factory: factory()
+
+        def build(factory):
+            model = factory()
+            release_freed_memory()  # the initializers' temporaries
+            return model
+
+        try:
+            yield build
+        finally:
+            release_freed_memory()
         return
     from keras.src.backend.common import global_state
 
@@ -187,6 +200,87 @@ def loading_weights():
     for variable in pending:
         if variable._value is None and not any(variable is b for b in before):
             variable._deferred_initialize()
+
+
+def assign_array(variable, array):
+    """`variable.assign(array)` for a numpy `array` of its shape, copying less.
+
+    Keras' `assign` first converts the whole array to a tensor: on torch a
+    full copy (`np.array`), on tensorflow one more inside the assignment.
+    On torch the array is copied straight into the variable's storage; on
+    tensorflow a large array is assigned in slices of about `ASSIGN_SLICE`
+    bytes along its first axis, so the temporary copies stay small. Every
+    `RELEASE_EVERY` bytes assigned, the memory the C heap keeps from the
+    freed arrays is handed back to the system (`release_freed_memory`), so
+    a conversion's peak stays near the model's own size.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> variable = keras.Variable(np.zeros((2, 3), "float32"))
+    >>> assign_array(variable, np.ones((3, 2), "float32").T)
+    >>> float(keras.ops.convert_to_numpy(variable).sum())
+    6.0
+    """
+    global _assigned_bytes
+    backend = backend_name()
+    if backend == "torch" and array.dtype.isbuiltin and array.size:
+        import torch
+
+        with torch.no_grad():
+            variable.value.copy_(torch.from_numpy(array))
+    elif (
+        backend == "tensorflow"
+        and array.ndim
+        and array.nbytes > ASSIGN_SLICE
+        and keras.backend.standardize_dtype(variable.dtype) == array.dtype.name
+    ):
+        rows = max(1, ASSIGN_SLICE * len(array) // array.nbytes)
+        for start in range(0, len(array), rows):
+            variable.value[start : start + rows].assign(array[start : start + rows])
+    else:
+        variable.assign(array)
+    _assigned_bytes += array.nbytes
+    if _assigned_bytes >= RELEASE_EVERY:
+        release_freed_memory()
+
+
+# `assign_array`'s slice size on tensorflow, and how many bytes it assigns
+# between two `release_freed_memory` calls (counted in `_assigned_bytes`).
+ASSIGN_SLICE = 16 * 2**20
+RELEASE_EVERY = 64 * 2**20
+_assigned_bytes = 0
+
+
+def release_freed_memory():
+    """Return the C heap's free memory to the system (glibc; else nothing).
+
+    glibc's malloc keeps freed blocks under its (adaptive) mmap threshold,
+    up to 32 MB each, in its heaps for reuse: after loading a large model
+    tensor by tensor, or building one whose random initial values are
+    overwritten, that is hundreds of MB the process no longer uses but
+    still holds. `malloc_trim(0)` gives the whole free pages back. Returns
+    whether it ran.
+    """
+    global _assigned_bytes
+    _assigned_bytes = 0
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only (not musl)
+    except (AttributeError, OSError):
+        return None
 
 
 # ------------------------------------------------------------- distribution
