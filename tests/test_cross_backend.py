@@ -12,6 +12,8 @@ import sys
 import keras
 import numpy as np
 
+import keras_diffusion as kd
+
 SCRIPT = """
 import sys, numpy as np, keras_diffusion as kd
 data = np.load(sys.argv[1])
@@ -44,11 +46,13 @@ def _generate_in(backend, inputs, output):
 def test_backends_agree(tmp_path):
     rng = np.random.default_rng(0)
     inputs = tmp_path / "inputs.npz"
+    demo = kd.models.ImageToImage.from_preset("sd3_tiny_demo")
+    latent = (2, *demo.latent_shape(64, 64))
     np.savez(
         inputs,
         images=rng.integers(0, 256, (2, 64, 64, 3)).astype(np.uint8),
-        noise=rng.standard_normal((2, 8, 8, 16)).astype(np.float32),
-        posterior_noise=rng.standard_normal((2, 8, 8, 16)).astype(np.float32),
+        noise=rng.standard_normal(latent).astype(np.float32),
+        posterior_noise=rng.standard_normal(latent).astype(np.float32),
     )
     here = keras.backend.backend()
     ours = _generate_in(here, str(inputs), str(tmp_path / "here.npy"))

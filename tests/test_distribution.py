@@ -28,11 +28,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLING = dict(num_steps=3, strength=0.8, guidance_scale=5.0, height=32, width=32)
 
 
+def _demo_config():
+    with open(os.path.join(ROOT, "presets", "sd3_tiny_demo", "config.json")) as f:
+        return json.load(f)["config"]
+
+
+def _demo_latent_shape(height, width):
+    """The demo preset's latent shape at `height` x `width`, from its config."""
+    vae = _demo_config()["vae"]
+    factor = 2 ** (len(vae["block_channels"]) - 1)
+    return (height // factor, width // factor, vae["latent_channels"])
+
+
 def _inputs(batch=3, seed=1):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
     prompts = ["a red circle", "a blue square", "a green star", "a cat"][:batch]
-    shape = (batch, 4, 4, 16)
+    shape = (batch, *_demo_latent_shape(32, 32))
     noise = {
         "posterior_noise": rng.standard_normal(shape).astype(np.float32),
         "noise": rng.standard_normal(shape).astype(np.float32),
@@ -222,10 +234,11 @@ def test_generate_on_jax_devices():
     # kernels and biases, attention output and fc2 kernels), 2 layers each.
     # MMDiT: the position table; 16 per full block (q/k/v, modulation and
     # first MLP kernels and biases, attention output and second MLP kernels,
-    # both streams), 2 full blocks, and 12 in the pre-only last block (its
-    # text stream has no attention output or MLP). T5: the token table and
-    # 4 kernels per layer.
-    assert r["mp_sharded"] == 2 * (1 + 2 * 6) + 1 + 2 * 16 + 12
+    # both streams), in every block but the last, and 12 in the pre-only last
+    # block (its text stream has no attention output or MLP). T5: the token
+    # table and 4 kernels per layer.
+    blocks = _demo_config()["mmdit"]["num_layers"]
+    assert r["mp_sharded"] == 2 * (1 + 2 * 6) + 1 + (blocks - 1) * 16 + 12
     assert r["t5_sharded"] == 1 + 2 * 4
     # On the 2x2 mesh a device holds half of what the map shards.
     assert r["mp_share"] == pytest.approx(1 / 2)

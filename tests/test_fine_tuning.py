@@ -185,7 +185,8 @@ def test_prompt_dropout_feeds_empty_prompt_ids(run):
 
 def test_prompt_dropout_with_cached_conditioning(run):
     task = _recording(run, prompt_dropout=1.0)
-    context = np.full((2, 77), 7.0, "float32")
+    length = task.preprocessor.clip_l_tokenizer.sequence_length
+    context = np.full((2, length), 7.0, "float32")
     mean = np.zeros((2, 2, 2, 16), "float32")
     task(
         {"latent_mean": mean, "latent_log_variance": mean, "context": context},

@@ -75,13 +75,18 @@ def run(tmp_path_factory):
     }
 
 
+def _lora_targets(run):
+    return len(run["task"].backbone.lora_config["target_layers"])
+
+
 def test_default_targets_are_the_attention_projections(run):
     backbone = run["task"].backbone
     targets = backbone.lora_config["target_layers"]
-    # 3 blocks x (x_qkv, context_qkv, x_attention_output) + 2 text outputs
-    # (the last block is context-pre-only).
-    assert len(targets) == 11
-    assert "mmdit/block_2/context_attention_output" not in targets
+    blocks, width = backbone.mmdit.num_layers, backbone.mmdit.hidden_dim
+    # blocks x (x_qkv, context_qkv, x_attention_output) + (blocks - 1) text
+    # outputs (the last block is context-pre-only).
+    assert len(targets) == 4 * blocks - 1
+    assert f"mmdit/block_{blocks - 1}/context_attention_output" not in targets
     assert {t.rsplit("/", 1)[1] for t in targets} == {
         "x_qkv",
         "context_qkv",
@@ -94,14 +99,16 @@ def test_default_targets_are_the_attention_projections(run):
         "lora_kernel_b",
     }
     count = sum(int(np.prod(v.shape)) for v in trainable)
-    assert count == lora_parameters(backbone.get_config(), RANK) == 8704
+    # Fused q/k/v adapters: 4 d r each; attention outputs: 2 d r each.
+    expected = (12 * (blocks - 1) + 10) * width * RANK
+    assert count == lora_parameters(backbone.get_config(), RANK) == expected
 
 
 def test_only_lora_weights_train(run):
     base, trained = run["base"], run["trained"]
     assert all(np.array_equal(base[p], trained[p]) for p in base)
     factors = {p: trained[p] for p in trained if p not in base}
-    assert len(factors) == 22
+    assert len(factors) == 2 * _lora_targets(run)
     assert all(np.any(v != 0) for p, v in factors.items() if p.endswith("_b"))
     assert np.all(np.isfinite(run["history"]))
     change = np.abs(run["velocity"] - run["base_velocity"]).max()
@@ -111,7 +118,8 @@ def test_only_lora_weights_train(run):
 def test_load_lora_weights_then_merge(run):
     plain = kd.models.Backbone.from_preset("sd3_tiny_demo")
     task = kd.models.StableDiffusion3ImageToImage(plain)
-    x = np.random.default_rng(3).standard_normal((2, 5, 64)).astype("float32")
+    width = plain.mmdit.hidden_dim
+    x = np.random.default_rng(3).standard_normal((2, 5, width)).astype("float32")
     probe = task._function(("probe",), lambda x: plain.mmdit.blocks[0].x_qkv(x))
     before = ops.convert_to_numpy(probe(x))
     plain.load_lora_weights(run["adapter"])
@@ -127,7 +135,7 @@ def test_load_lora_weights_then_merge(run):
     plain.merge_lora()
     np.testing.assert_allclose(_velocity(plain), run["velocity"], atol=1e-4)
     assert plain.lora_config is None and "lora" not in plain.get_config()
-    assert len(plain.weights) == count - 22 == len(run["base"])
+    assert len(plain.weights) == count - 2 * _lora_targets(run) == len(run["base"])
     assert not lora.lora_layer_paths(plain)
     layer = plain.mmdit.blocks[0].x_qkv
     assert (

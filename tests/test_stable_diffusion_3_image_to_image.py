@@ -23,10 +23,10 @@ def reference(request, tmp_path_factory):
     return request.param, pipeline, task, str(folder)
 
 
-def _case(batch, height, width, seed):
+def _case(batch, height, width, seed, factor=8):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (batch, height, width, 3)).astype(np.uint8)
-    shape = (batch, height // 8, width // 8, 16)
+    shape = (batch, height // factor, width // factor, 16)
     posterior_noise = rng.standard_normal(shape).astype(np.float32)
     noise = rng.standard_normal(shape).astype(np.float32)
     return images, posterior_noise, noise
@@ -115,7 +115,8 @@ def test_repeated_calls_equal_fresh_tasks():
     for i, (steps, guidance, strength, batch, height, width) in enumerate(
         REPEATED_CALLS
     ):
-        images, posterior_noise, noise = _case(batch, height, width, seed=i)
+        factor = task.backbone.downsample_factor
+        images, posterior_noise, noise = _case(batch, height, width, i, factor)
         kwargs = dict(
             num_steps=steps,
             guidance_scale=guidance,

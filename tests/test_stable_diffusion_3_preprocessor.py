@@ -14,7 +14,8 @@ def preprocessor():
 def test_generate_preprocess(preprocessor):
     ids = preprocessor.generate_preprocess(["a red circle", "a blue square!!!"])
     assert set(ids) == {"clip_l", "clip_g"}  # the demo has no T5
-    assert ids["clip_l"].shape == ids["clip_g"].shape == (2, 77)
+    length = preprocessor.clip_l_tokenizer.sequence_length
+    assert ids["clip_l"].shape == ids["clip_g"].shape == (2, length)
     end = preprocessor.clip_l_tokenizer.end_token_id
     # CLIP-L pads with the end token, CLIP-G with "!" (id 0 in CLIP's vocabulary
     # order; the demo vocabulary starts with the same byte symbols).
@@ -26,7 +27,7 @@ def test_training_call(preprocessor):
     images = np.zeros((2, 64, 64, 3), np.uint8)
     out = preprocessor({"images": images, "prompts": ["a", "b"]})
     assert out["images"].dtype == np.float32 and out["images"].min() == -1.0
-    assert out["clip_l"].shape == (2, 77)
+    assert out["clip_l"].shape == (2, preprocessor.clip_l_tokenizer.sequence_length)
     with pytest.raises(ValueError, match="exactly the keys"):
         preprocessor({"images": images})
     with pytest.raises(ValueError, match="2 images"):
