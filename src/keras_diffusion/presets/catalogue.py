@@ -41,7 +41,7 @@ def get(name):
         if not os.path.isdir(entry["path"]):
             raise FileNotFoundError(
                 f"Built-in preset {name!r} should be embedded at {entry['path']}, "
-                "but that folder is missing (run `python tools/build_demo_preset.py`)."
+                "but that folder is missing (rebuild it: `python tools/train_demo.py`)."
             )
     return entry
 

@@ -23,7 +23,7 @@ class StableDiffusion3Preprocessor(Preprocessor):
         "sd3_tiny_demo"
     )
     ids = preprocessor.generate_preprocess(["a red circle on a blue background"])
-    ids["clip_l"].shape  # (1, 77)
+    ids["clip_l"].shape  # (1, 12): the demo's prompt length (77 for real SD3)
     ```
     """
 
