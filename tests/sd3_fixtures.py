@@ -22,10 +22,12 @@ Examples:
 'tokenizer_config.json'
 """
 
+import atexit
 import functools
 import gzip
 import json
 import os
+import shutil
 import site
 import tempfile
 
@@ -119,7 +121,9 @@ def train_t5_sentencepiece(folder=None):
     import sentencepiece
     from prompt_corpus import prompt_corpus
 
-    folder = folder or tempfile.mkdtemp(prefix="kd-t5-spm-")
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="kd-t5-spm-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     os.makedirs(folder, exist_ok=True)
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter([p for p in prompt_corpus() if p.strip()]),

@@ -15,7 +15,7 @@ import re
 
 from keras_diffusion.converters import diffusers_mmdit, diffusers_vae, transformers_text
 from keras_diffusion.converters.safetensors_reader import TensorSource
-from keras_diffusion.utils.backend import loading_weights
+from keras_diffusion.converters.sd3_checkpoint import SD3Checkpoint
 
 MODEL_INDEX = "model_index.json"
 PIPELINES = (
@@ -127,7 +127,7 @@ def _json(path, what):
         raise ValueError(f"Corrupt {what} ({path}): {e}") from e
 
 
-class DiffusersFolder:
+class DiffusersFolder(SD3Checkpoint):
     """A diffusers SD3 folder, offering the same methods as a PresetFolder."""
 
     def __init__(self, path, handle=None):
@@ -206,31 +206,6 @@ class DiffusersFolder:
             "width": size,
         }
 
-    def backbone_class(self, expected_base=None):
-        from keras_diffusion.models.stable_diffusion_3 import (
-            stable_diffusion_3_backbone as module,
-        )
-
-        StableDiffusion3Backbone = module.StableDiffusion3Backbone
-
-        return StableDiffusion3Backbone
-
-    def load_backbone(
-        self, expected_base=None, load_weights=True, dtype=None, progress=None
-    ):
-        cls = self.backbone_class()
-        if expected_base is not None and not issubclass(cls, expected_base):
-            raise ValueError(
-                f"{self.handle} holds an SD3 model, not a {expected_base.__name__}."
-            )
-        config = self.backbone_config()
-        if not load_weights:
-            return cls(**config, dtype=dtype)
-        with loading_weights() as build:
-            backbone = build(lambda: cls(**config, dtype=dtype))
-            self.load_weights(backbone, progress)
-        return backbone
-
     def load_weights(self, backbone, progress=None):
         progress = progress or _PROGRESS.get()
         steps = [
@@ -301,12 +276,6 @@ class DiffusersFolder:
                     "spiece.model."
                 )
         return StableDiffusion3Preprocessor(clip("tokenizer"), clip("tokenizer_2"), t5)
-
-    def task_config(self):
-        return {
-            "registered_name": "keras_diffusion>StableDiffusion3ImageToImage",
-            "config": {"sampling": {}},
-        }
 
 
 def register():

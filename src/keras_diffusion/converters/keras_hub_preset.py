@@ -38,7 +38,7 @@ import re
 
 from keras_diffusion.converters import diffusers_mmdit, diffusers_vae, transformers_text
 from keras_diffusion.converters import keras_hub_weights as khw
-from keras_diffusion.utils.backend import loading_weights
+from keras_diffusion.converters.sd3_checkpoint import SD3Checkpoint
 
 BACKBONE = "keras_hub>StableDiffusion3Backbone"
 PREPROCESSOR = "keras_hub>StableDiffusion3TextToImagePreprocessor"
@@ -190,7 +190,7 @@ def _pick(weights, groups, template, shapes, what):
     return chosen
 
 
-class KerasHubPreset:
+class KerasHubPreset(SD3Checkpoint):
     """A keras-hub SD3 preset folder, offering the methods of a PresetFolder.
 
     `from_preset` opens a folder with it when `is_keras_hub_preset` accepts
@@ -210,25 +210,8 @@ class KerasHubPreset:
         self.config = _read_json(os.path.join(self.path, "config.json"))
         self.kwargs = backbone_kwargs(self.config)
 
-    def backbone_class(self, expected_base=None):
-        from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_backbone import (  # noqa: E501
-            StableDiffusion3Backbone,
-        )
-
-        return StableDiffusion3Backbone
-
-    def load_backbone(self, expected_base=None, load_weights=True, dtype=None):
-        cls = self.backbone_class()
-        if expected_base is not None and not issubclass(cls, expected_base):
-            raise ValueError(
-                f"{self.handle} holds an SD3 model, not a {expected_base.__name__}."
-            )
-        if not load_weights:
-            return cls(**self.kwargs, dtype=dtype)
-        with loading_weights() as build:
-            backbone = build(lambda: cls(**self.kwargs, dtype=dtype))
-            self.load_weights(backbone)
-        return backbone
+    def backbone_config(self):
+        return self.kwargs
 
     def _weights(self):
         for name in (SHARDED_WEIGHTS_FILE, WEIGHTS_FILE):
@@ -297,7 +280,7 @@ class KerasHubPreset:
         )
         return sources
 
-    def load_weights(self, backbone):
+    def load_weights(self, backbone, progress=None):
         weights = self._weights()
         sources = self.weight_sources(weights)
         load_clip = transformers_text.load_clip_text_encoder
@@ -390,12 +373,6 @@ class KerasHubPreset:
                 )
             )
         return StableDiffusion3Preprocessor(*tokenizers)
-
-    def task_config(self):
-        return {
-            "registered_name": "keras_diffusion>StableDiffusion3ImageToImage",
-            "config": {"sampling": {}},
-        }
 
 
 def register():

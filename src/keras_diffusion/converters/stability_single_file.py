@@ -54,7 +54,7 @@ from keras_diffusion.converters import (
     transformers_text,
 )
 from keras_diffusion.converters.safetensors_reader import TensorSource
-from keras_diffusion.utils.backend import loading_weights
+from keras_diffusion.converters.sd3_checkpoint import SD3Checkpoint
 
 MMDIT_PREFIX = stability_keys.MMDIT_PREFIX
 VAE_PREFIX = stability_keys.VAE_PREFIX
@@ -122,7 +122,7 @@ def _clip_source(source):
     return stability_keys.RenamedSource(source, mapping)
 
 
-class StabilitySingleFile:
+class StabilitySingleFile(SD3Checkpoint):
     """A Stability single-file SD3 checkpoint, offering a PresetFolder's methods.
 
     Examples:
@@ -233,27 +233,6 @@ class StabilitySingleFile:
             "height": size,
             "width": size,
         }
-
-    def backbone_class(self, expected_base=None):
-        from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_backbone import (  # noqa: E501
-            StableDiffusion3Backbone,
-        )
-
-        return StableDiffusion3Backbone
-
-    def load_backbone(self, expected_base=None, load_weights=True, dtype=None):
-        cls = self.backbone_class()
-        if expected_base is not None and not issubclass(cls, expected_base):
-            raise ValueError(
-                f"{self.handle} holds an SD3 model, not a {expected_base.__name__}."
-            )
-        config = self.backbone_config()
-        if not load_weights:
-            return cls(**config, dtype=dtype)
-        with loading_weights() as build:
-            backbone = build(lambda: cls(**config, dtype=dtype))
-            self.load_weights(backbone)
-        return backbone
 
     def load_weights(self, backbone, progress=None):
         from keras_diffusion.converters.diffusers_folder import _PROGRESS
@@ -398,12 +377,6 @@ class StabilitySingleFile:
                     t5 = T5Tokenizer(os.path.join(folder, file), sequence_length=256)
                     break
         return StableDiffusion3Preprocessor(*tokenizers, t5)
-
-    def task_config(self):
-        return {
-            "registered_name": "keras_diffusion>StableDiffusion3ImageToImage",
-            "config": {"sampling": {}},
-        }
 
 
 def register():
