@@ -12,8 +12,8 @@ for the current backend:
 Everything `fn` receives must be an argument; it must not read per-call
 Python attributes, so one compiled function serves every later call.
 
-The fast paths of two hot operations also differ by backend (`attention`,
-`linear`); their results agree with the plain Keras ops to float rounding.
+The fastest CPU paths of the hot operations (attention, dense, convolution,
+group norm) differ by backend too; they live in `utils.fast_ops`.
 
 Distribution (jax only) follows `keras.distribution`: variables carry the
 layouts Keras gives them (`loading_weights` and `lay_out_variables` make sure
@@ -27,81 +27,10 @@ import sys
 import warnings
 
 import keras
-from keras import ops
-
-# Queries per block of `attention` on jax / tensorflow (see there).
-ATTENTION_QUERY_BLOCK = 512
 
 
 def backend_name():
     return keras.backend.backend()
-
-
-def attention(query, key, value, scale=None):
-    """Softmax attention, `(B, T, heads, head_dim)` in and out.
-
-    Scores and softmax are float32; the result has the query's dtype.
-    torch runs its fused kernel (`scaled_dot_product_attention` through
-    `ops.dot_product_attention`). On jax and tensorflow, that op is 1.6-3x
-    slower on CPU than plain einsums over blocks of `ATTENTION_QUERY_BLOCK`
-    queries (measured with 1,178 tokens, 6 heads of 64; blocks keep the
-    score matrix in cache), which is what runs there.
-
-    Examples:
-
-    >>> import numpy as np
-    >>> q = np.random.default_rng(0).standard_normal((1, 5, 2, 4), "float32")
-    >>> out = attention(q, q, q)
-    >>> ref = keras.ops.dot_product_attention(q, q, q)
-    >>> bool(np.allclose(out, ref, atol=1e-6))
-    True
-    """
-    dtype = query.dtype
-    head_dim = query.shape[-1]
-    scale = float(head_dim) ** -0.5 if scale is None else float(scale)
-    if backend_name() == "torch":
-        return ops.dot_product_attention(query, key, value, scale=scale)
-    query = ops.multiply(query, ops.cast(scale, query.dtype))
-    tokens = query.shape[1]
-    block = ATTENTION_QUERY_BLOCK
-    if not isinstance(tokens, int) or tokens <= block:
-        return _attend_block(query, key, value, dtype)
-    blocks = [
-        _attend_block(query[:, start : start + block], key, value, dtype)
-        for start in range(0, tokens, block)
-    ]
-    return ops.concatenate(blocks, axis=1)
-
-
-def _attend_block(query, key, value, dtype):
-    scores = ops.cast(ops.einsum("bqhd,bkhd->bhqk", query, key), "float32")
-    weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
-    return ops.cast(ops.einsum("bhqk,bkhd->bqhd", weights, value), dtype)
-
-
-def linear(layer, inputs):
-    """`layer(inputs)` for a `keras.layers.Dense`, bias add fused on torch.
-
-    Keras' Dense issues a matmul and then a separate bias add, which is ~10%
-    of a CPU denoising step under torch; `torch.nn.functional.linear` folds
-    the bias into the matmul (one `addmm`, as torch modules do). Other
-    backends fuse it in their compilers. Layers with LoRA, quantization, an
-    activation or no bias are simply called.
-    """
-    if (
-        backend_name() != "torch"
-        or layer.lora_enabled
-        or layer.quantization_mode is not None
-        or layer.activation is not keras.activations.linear
-        or layer.bias is None
-    ):
-        return layer(inputs)
-    import torch
-
-    dtype = layer.compute_dtype
-    kernel = ops.cast(layer.kernel, dtype)
-    bias = ops.cast(layer.bias, dtype)
-    return torch.nn.functional.linear(ops.cast(inputs, dtype), kernel.T, bias)
 
 
 def compile_function(fn, variables, jit_compile=False):

@@ -19,7 +19,7 @@ from keras_diffusion.models.stable_diffusion_3.mmdit_blocks import (
     modulate,
     timestep_embedding,
 )
-from keras_diffusion.utils.backend import linear
+from keras_diffusion.utils.fast_ops import linear
 
 
 @register

@@ -14,7 +14,7 @@ import keras
 from keras import ops
 
 from keras_diffusion.api_export import register
-from keras_diffusion.utils.backend import attention, linear
+from keras_diffusion.utils.fast_ops import attention, linear
 
 LAYER_NORM_EPSILON = 1e-6
 QK_NORM_EPSILON = 1e-6

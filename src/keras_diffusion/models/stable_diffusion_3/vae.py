@@ -17,6 +17,7 @@ from keras_diffusion.models.stable_diffusion_3.vae_blocks import (
     ResnetBlock,
     Upsample,
 )
+from keras_diffusion.utils.fast_ops import conv2d
 
 LOG_VARIANCE_RANGE = (-30.0, 20.0)
 
@@ -110,16 +111,16 @@ class VAEEncoder(keras.layers.Layer):
             self.quant_conv.build(_shape(2 * self.latent_channels))
 
     def call(self, images):
-        x = self.conv_in(images)
+        x = conv2d(self.conv_in, images)
         for i, level in enumerate(self.down_resnets):
             for resnet in level:
                 x = resnet(x)
             if i < len(self.downsamplers):
                 x = self.downsamplers[i](x)
         x = self.mid_block(x)
-        x = self.conv_out(ops.silu(self.norm_out(x)))
+        x = conv2d(self.conv_out, ops.silu(self.norm_out(x)))
         if self.quant_conv is not None:
-            x = self.quant_conv(x)
+            x = conv2d(self.quant_conv, x)
         return x
 
     def get_config(self):
@@ -220,14 +221,14 @@ class VAEDecoder(keras.layers.Layer):
     def call(self, latents):
         x = latents
         if self.post_quant_conv is not None:
-            x = self.post_quant_conv(x)
-        x = self.mid_block(self.conv_in(x))
+            x = conv2d(self.post_quant_conv, x)
+        x = self.mid_block(conv2d(self.conv_in, x))
         for i, level in enumerate(self.up_resnets):
             for resnet in level:
                 x = resnet(x)
             if i < len(self.upsamplers):
                 x = self.upsamplers[i](x)
-        return self.conv_out(ops.silu(self.norm_out(x)))
+        return conv2d(self.conv_out, ops.silu(self.norm_out(x)))
 
     def get_config(self):
         config = super().get_config()

@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from keras_diffusion.api_export import register
-from keras_diffusion.utils.backend import attention
+from keras_diffusion.utils.fast_ops import attention, conv2d, group_norm
 
 
 def _conv(filters, kernel_size, name, dtype, strides=1, padding="same"):
@@ -61,14 +61,7 @@ class GroupNorm(keras.layers.Layer):
         self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
 
     def call(self, x):
-        shape = ops.shape(x)
-        channels = x.shape[-1]
-        grouped = ops.reshape(x, (shape[0], -1, self.groups, channels // self.groups))
-        mean = ops.mean(grouped, axis=(1, 3), keepdims=True)
-        centred = grouped - mean
-        variance = ops.mean(ops.square(centred), axis=(1, 3), keepdims=True)
-        normed = ops.reshape(centred * ops.rsqrt(variance + self.epsilon), shape)
-        return normed * self.gamma + self.beta
+        return group_norm(x, self.groups, self.gamma, self.beta, self.epsilon)
 
     def get_config(self):
         config = super().get_config()
@@ -131,10 +124,10 @@ class ResnetBlock(keras.layers.Layer):
             self.conv_shortcut.build(in_shape)
 
     def call(self, x):
-        h = self.conv1(ops.silu(self.norm1(x)))
-        h = self.conv2(ops.silu(self.norm2(h)))
+        h = conv2d(self.conv1, ops.silu(self.norm1(x)))
+        h = conv2d(self.conv2, ops.silu(self.norm2(h)))
         if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
+            x = conv2d(self.conv_shortcut, x)
         return x + ops.cast(h, x.dtype)
 
     def get_config(self):
@@ -245,7 +238,7 @@ class Downsample(keras.layers.Layer):
         self.conv.build((None, None, None, self.channels))
 
     def call(self, x):
-        return self.conv(ops.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+        return conv2d(self.conv, ops.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
 
     def get_config(self):
         config = super().get_config()
@@ -277,7 +270,7 @@ class Upsample(keras.layers.Layer):
 
     def call(self, x):
         x = ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        return conv2d(self.conv, x)
 
     def get_config(self):
         config = super().get_config()
