@@ -28,6 +28,8 @@ sys.path.insert(0, HERE)
 
 import speed_models  # noqa: E402
 
+SLOW_GFLOPS = 5.0
+
 
 def step_flops(config, context_tokens, batch=2):
     """Matmul FLOPs of one guided MMDiT step for a `speed_models` config."""
@@ -80,7 +82,12 @@ def _square(backend, x):
 
 
 def matmul_peaks(backend):
-    """GFLOP/s of large square matmuls: numpy f32, backend f32 and bf16."""
+    """GFLOP/s of large square matmuls: numpy f32, backend f32 and bf16.
+
+    A dtype whose 512-wide matmul runs below `SLOW_GFLOPS` (bfloat16 on a CPU
+    without bfloat16 instructions: ~0.2 GFLOP/s) is not timed at the large
+    sizes, which would take tens of minutes; its small-size figure is kept.
+    """
     import keras
     import numpy as np
 
@@ -89,14 +96,20 @@ def matmul_peaks(backend):
     def record(key, gflops):
         peaks[key] = max(peaks.get(key, 0.0), gflops)
 
-    for n in (2048, 4096):
+    slow = set()
+    for n in (512, 2048, 4096):
         a = np.random.default_rng(0).standard_normal((n, n)).astype("float32")
         flops = 2 * n**3
-        record("numpy float32", flops / _best_seconds(_square("numpy", a)) / 1e9)
+        if n > 512:
+            record("numpy float32", flops / _best_seconds(_square("numpy", a)) / 1e9)
         for dtype in ("float32", "bfloat16"):
+            if dtype in slow:
+                continue
             x = keras.ops.convert_to_tensor(a, dtype)
-            seconds = _best_seconds(_square(backend, x))
-            record(f"{backend} {dtype}", flops / seconds / 1e9)
+            gflops = flops / _best_seconds(_square(backend, x)) / 1e9
+            record(f"{backend} {dtype}", gflops)
+            if n == 512 and gflops < SLOW_GFLOPS:
+                slow.add(dtype)
     return peaks
 
 

@@ -170,7 +170,7 @@ def parameter_bytes_per_device(
     >>> with open(os.path.join(BUILTIN_DIR, "sd3_tiny_demo", "config.json")) as f:
     ...     config = json.load(f)["config"]
     >>> one = parameter_bytes_per_device(config, (1, 1), dtype="float32")
-    >>> one["total"] == one["unsharded"] == 4 * 1651251
+    >>> one["total"] == one["unsharded"] == 4 * 1614195
     True
     >>> eight = parameter_bytes_per_device(config, (1, 8), dtype="float32")
     >>> eight["total"] < one["total"]

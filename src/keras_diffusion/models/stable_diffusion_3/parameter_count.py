@@ -299,7 +299,7 @@ def backbone_parameters(config):
     ...     config = json.load(f)["config"]
     >>> counts = backbone_parameters(config)
     >>> counts["total"], counts["diffusers_comparable"]
-    (1651251, 1626675)
+    (1614195, 1589619)
     """
     counts = {
         "clip_l": clip_text_encoder_parameters(config["clip_l"]),
