@@ -76,3 +76,10 @@ def test_linear_equals_the_dense_layer():
         ops.convert_to_numpy(layer(x)),
         atol=1e-5,
     )
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(fast_ops)
+    assert result.attempted > 0 and result.failed == 0
