@@ -81,6 +81,9 @@ def _runner_diffusers(folder, tokens, dtype, size):
         tokenizer_3=None,
         torch_dtype=getattr(torch, dtype),
     )
+    # Without `accelerate`, diffusers 0.42 leaves the transformer in float32
+    # whatever `torch_dtype` says; cast the whole pipeline explicitly.
+    pipe.to(dtype=getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)
     image = PIL.Image.fromarray(_image(size))
 

@@ -2,6 +2,7 @@
 
     python benchmarks/img2img_speed.py --config bench   # prepares the models once
     python benchmarks/torch_profile.py [--system ours|diffusers] [--steps 6]
+        [--dtype float32|bfloat16]
 
 Uses the models `img2img_speed.py` prepared under `/tmp/kd-speed-<config>`
 (same weights for both systems). After two warm-up calls it times a 2-step
@@ -32,6 +33,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=154)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
@@ -39,7 +41,7 @@ def main():
     folder = f"/tmp/kd-speed-{args.config}"
     size = speed_models.CONFIGS[args.config]["size"]
     runner = img2img_speed.RUNNERS[args.system]
-    run = runner(folder, args.tokens, "float32", size)
+    run = runner(folder, args.tokens, args.dtype, size)
     run(args.steps)
     run(2)
     for steps in (2, args.steps):

@@ -1,5 +1,7 @@
 """The backend fast paths (`utils.fast_ops`) against plain Keras and numpy."""
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -75,6 +77,73 @@ def test_linear_equals_the_dense_layer():
         ops.convert_to_numpy(fast_ops.linear(layer, x)),
         ops.convert_to_numpy(layer(x)),
         atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_linear_with_gelu_equals_dense_then_gelu(inference):
+    # On torch, inference (no gradient recorded) takes oneDNN's fused
+    # matmul + GELU; training takes addmm then GELU. Both must match.
+    layer = keras.layers.Dense(7)
+    x = _normal(2, 5, 4)
+    layer.build(x.shape)
+    layer.bias.assign(_normal(7))
+    want = ops.convert_to_numpy(ops.gelu(layer(x), approximate=True))
+    context = contextlib.nullcontext()
+    if inference and keras.backend.backend() == "torch":
+        import torch
+
+        context = torch.no_grad()
+    with context:
+        got = ops.convert_to_numpy(fast_ops.linear(layer, x, "gelu_tanh"))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_linear_rejects_unknown_activation():
+    layer = keras.layers.Dense(2)
+    with pytest.raises(ValueError, match="gelu_tanh"):
+        fast_ops.linear(layer, _normal(1, 3), "relu")
+
+
+@pytest.mark.parametrize("query_parts", [1, 2])
+def test_joint_attention_equals_attention_of_the_concatenation(query_parts):
+    q = [_normal(2, 6, 3, 8), _normal(2, 4, 3, 8)][:query_parts]
+    k = [_normal(2, 6, 3, 8), _normal(2, 4, 3, 8)]
+    v = [_normal(2, 6, 3, 8), _normal(2, 4, 3, 8)]
+    got = fast_ops.joint_attention(q, k, v)
+    join = lambda parts: np.concatenate(parts, axis=1)  # noqa: E731
+    want = ops.dot_product_attention(join(q), join(k), join(v))
+    assert tuple(got.shape) == tuple(want.shape)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(got), ops.convert_to_numpy(want), atol=1e-5
+    )
+
+
+def test_modulate_and_gated_residual_follow_their_formulas():
+    x, update = _normal(2, 5, 4), _normal(2, 5, 4)
+    shift, scale, gate = _normal(2, 4), _normal(2, 4), _normal(2, 4)
+    got = ops.convert_to_numpy(fast_ops.modulate(x, shift, scale))
+    np.testing.assert_allclose(
+        got, x * (1 + scale[:, None]) + shift[:, None], rtol=1e-6, atol=1e-6
+    )
+    update_bf16 = ops.cast(update, "bfloat16")  # a low-precision branch output
+    got = fast_ops.gated_residual(x, gate, update_bf16)
+    assert keras.backend.standardize_dtype(got.dtype) == "float32"
+    rounded = ops.convert_to_numpy(ops.cast(update_bf16, "float32"))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(got), x + gate[:, None] * rounded, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_cast_converts_and_skips_no_op_casts():
+    x = ops.ones((3,), "float32")
+    assert fast_ops.cast(x, "float32") is x or keras.backend.backend() != "torch"
+    half = fast_ops.cast(x, "bfloat16")
+    assert keras.backend.standardize_dtype(half.dtype) == "bfloat16"
+    variable = keras.Variable(np.ones((2,), "float32"))
+    assert (
+        keras.backend.standardize_dtype(fast_ops.cast(variable, "float16").dtype)
+        == "float16"
     )
 
 

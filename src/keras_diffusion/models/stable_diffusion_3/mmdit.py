@@ -16,10 +16,9 @@ from keras_diffusion.models.stable_diffusion_3.mmdit_blocks import (
     MMDiTBlock,
     Modulation,
     layer_norm,
-    modulate,
     timestep_embedding,
 )
-from keras_diffusion.utils.fast_ops import linear
+from keras_diffusion.utils.fast_ops import linear, modulate
 
 
 @register

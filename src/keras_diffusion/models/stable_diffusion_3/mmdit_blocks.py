@@ -14,7 +14,13 @@ import keras
 from keras import ops
 
 from keras_diffusion.api_export import register
-from keras_diffusion.utils.fast_ops import attention, linear
+from keras_diffusion.utils.fast_ops import (
+    cast,
+    gated_residual,
+    joint_attention,
+    linear,
+    modulate,
+)
 
 LAYER_NORM_EPSILON = 1e-6
 QK_NORM_EPSILON = 1e-6
@@ -52,13 +58,8 @@ def timestep_embedding(timestep, dim=TIMESTEP_CHANNELS, max_period=10000.0):
 def layer_norm(x):
     """Non-affine layer norm over the last axis, eps 1e-6, in float32."""
     return ops.layer_normalization(
-        ops.cast(x, "float32"), axis=-1, epsilon=LAYER_NORM_EPSILON
+        cast(x, "float32"), axis=-1, epsilon=LAYER_NORM_EPSILON
     )
-
-
-def modulate(x, shift, scale):
-    """AdaLN: `x * (1 + scale) + shift`, per batch item, in float32."""
-    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
 
 
 @register
@@ -100,9 +101,9 @@ class Modulation(keras.layers.Layer):
         )
 
     def call(self, conditioning):
-        kernel = ops.cast(self.kernel, "float32")
-        out = ops.matmul(ops.cast(conditioning, "float32"), kernel)
-        return out + ops.cast(self.bias, "float32")
+        kernel = cast(self.kernel, "float32")
+        out = ops.matmul(cast(conditioning, "float32"), kernel)
+        return out + cast(self.bias, "float32")
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
@@ -149,8 +150,7 @@ class FeedForward(keras.layers.Layer):
         self.dense_2.build((None, None, self.hidden_dim * self.mlp_ratio))
 
     def call(self, x):
-        hidden = ops.gelu(linear(self.dense_1, x), approximate=True)
-        return linear(self.dense_2, hidden)
+        return linear(self.dense_2, linear(self.dense_1, x, "gelu_tanh"))
 
     def get_config(self):
         config = super().get_config()
@@ -303,17 +303,20 @@ class MMDiTBlock(keras.layers.Layer):
             k = ops.cast(key_norm(k), self.compute_dtype)
         return q, k, v
 
-    def _attend(self, q, k, v):
-        # Softmax in float32; the backend's fastest CPU path (utils.backend).
-        out = attention(q, k, v)
+    def _attend(self, queries, keys, values):
+        """Attention over the joined token groups, `(B, T_q, hidden_dim)`.
+
+        Softmax in float32; the backend's fastest CPU path (utils.fast_ops).
+        """
+        out = joint_attention(queries, keys, values)
         shape = ops.shape(out)
         return ops.reshape(out, (shape[0], shape[1], self.hidden_dim))
 
     def call(self, x, context, conditioning):
         f32 = "float32"
-        x = ops.cast(x, f32)
-        context = ops.cast(context, f32)
-        conditioning = ops.cast(conditioning, f32)
+        x = cast(x, f32)
+        context = cast(context, f32)
+        conditioning = cast(conditioning, f32)
         mod = ops.split(self.x_modulation(conditioning), self._x_chunks, axis=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
         cmod = ops.split(
@@ -338,13 +341,11 @@ class MMDiTBlock(keras.layers.Layer):
         )
         # Joint attention over [image tokens; text tokens]. A pre-only block
         # drops its text outputs, so only image queries are computed.
-        q = qx if self.context_pre_only else ops.concatenate([qx, qc], axis=1)
-        k = ops.concatenate([kx, kc], axis=1)
-        v = ops.concatenate([vx, vc], axis=1)
-        attention = self._attend(q, k, v)
+        queries = [qx] if self.context_pre_only else [qx, qc]
+        attention = self._attend(queries, [kx, kc], [vx, vc])
         num_x = ops.shape(x)[1]
         x_attention = linear(self.x_attention_output, attention[:, :num_x])
-        x = x + gate_msa[:, None, :] * ops.cast(x_attention, f32)
+        x = gated_residual(x, gate_msa, x_attention)
 
         if self.dual_attention:
             shift_msa2, scale_msa2, gate_msa2 = mod[6:]
@@ -352,21 +353,23 @@ class MMDiTBlock(keras.layers.Layer):
             q2, k2, v2 = self._heads(
                 linear(self.x_qkv_2, x_in2), self.x_query_norm_2, self.x_key_norm_2
             )
-            x_attention2 = linear(self.x_attention_output_2, self._attend(q2, k2, v2))
-            x = x + gate_msa2[:, None, :] * ops.cast(x_attention2, f32)
+            x_attention2 = linear(
+                self.x_attention_output_2, self._attend([q2], [k2], [v2])
+            )
+            x = gated_residual(x, gate_msa2, x_attention2)
 
         x_mlp = self.x_mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
-        x = x + gate_mlp[:, None, :] * ops.cast(x_mlp, f32)
+        x = gated_residual(x, gate_mlp, x_mlp)
         if self.context_pre_only:
             return x
 
         c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod[2:]
         c_attention = linear(self.context_attention_output, attention[:, num_x:])
-        context = context + c_gate_msa[:, None, :] * ops.cast(c_attention, f32)
+        context = gated_residual(context, c_gate_msa, c_attention)
         c_mlp = self.context_mlp(
             modulate(layer_norm(context), c_shift_mlp, c_scale_mlp)
         )
-        context = context + c_gate_mlp[:, None, :] * ops.cast(c_mlp, f32)
+        context = gated_residual(context, c_gate_mlp, c_mlp)
         return x, context
 
     def get_config(self):
