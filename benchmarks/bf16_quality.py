@@ -92,7 +92,9 @@ def worker(system, path, size, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="bench", choices=sorted(speed_models.CONFIGS))
+    parser.add_argument(
+        "--config", default="bench", choices=sorted(speed_models.CONFIGS)
+    )
     parser.add_argument("--backend", action="append")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--demo", action="store_true")
@@ -125,7 +127,9 @@ def main():
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if not lines:
-            print(f"| {system} | {backend} | {model} | failed: {done.stderr[-300:]!r} |")
+            print(
+                f"| {system} | {backend} | {model} | failed: {done.stderr[-300:]!r} |"
+            )
             continue
         result = json.loads(lines[-1][len("RESULT ") :])
         print(

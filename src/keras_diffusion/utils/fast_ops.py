@@ -68,10 +68,10 @@ def joint_attention(queries, keys, values, scale=None):
     `queries`, `keys` and `values` are lists of `(B, T_i, heads, head_dim)`
     parts (image tokens, text tokens); the result is `(B, sum T_q, heads,
     head_dim)`, as `attention` of the concatenations. On torch the parts are
-    joined in heads-first memory, `(B, heads, T, head_dim)`, the layout its
-    fused kernel reads fastest (~15% faster than the token-major views a
-    token-axis concatenation gives); the join is the copy the concatenation
-    makes anyway.
+    joined in heads-first memory, `(B, heads, T, head_dim)`, which its fused
+    kernel reads a few percent faster than the token-major views a token-axis
+    concatenation gives (`benchmarks/linear_speed.py`); the join is the copy
+    the concatenation makes anyway.
 
     Examples:
 
@@ -184,13 +184,13 @@ def linear(layer, inputs, activation=None):
 
     - the bias add is folded into the matmul: `addmm(bias, x, kernel)` on
       the kernel as stored, `(in, out)`. Keras' Dense adds the bias in a
-      separate pass (~10% of a CPU step), and `F.linear(x, kernel.T)`,
-      the transposed-weight GEMM, is ~20% slower than `addmm` in float32 on
-      AVX-512 CPUs (`benchmarks/linear_speed.py`);
+      separate pass; `F.linear(x, kernel.T)` ties with `addmm` in float32
+      and is slower in bfloat16 (`benchmarks/linear_speed.py`);
     - with "gelu_tanh" and no gradient being recorded (inference), the GELU
       runs inside oneDNN's matmul as a post-op, saving a pass over the
-      4x-wide MLP activation (bfloat16: 2.4x faster than matmul, then GELU).
-      oneDNN's fused op has no backward, so training takes `addmm` + GELU.
+      4x-wide MLP activation (measured 1.2-1.8x faster in float32, 1.7-3.5x
+      in bfloat16 than matmul, then GELU). oneDNN's fused op has no
+      backward, so training takes `addmm` + GELU.
 
     Other backends fuse in their compilers; layers with LoRA, quantization,
     their own activation or no bias are simply called.
