@@ -162,7 +162,13 @@ def test_stepwise_progress_and_callback_match_compiled_loop(reference):
     stepwise = task.generate(
         inputs, callback=lambda i, n, x: steps.append((i, n)), **kwargs
     )
-    np.testing.assert_array_equal(stepwise, task.generate(inputs, **kwargs))
+    looped = task.generate(inputs, **kwargs)
+    # Two programs compiled apart (one step per call, or the whole loop): XLA
+    # may fuse and round them differently (seen on AVX-512 CPUs), so a rare
+    # pixel can land one uint8 level off; a skipped or repeated step would
+    # move nearly every pixel.
+    difference = np.abs(stepwise.astype(np.int32) - looped)
+    assert difference.max() <= 1 and np.mean(difference > 0) < 0.01
     assert steps == [(2, 4), (3, 4), (4, 4)]
 
 
