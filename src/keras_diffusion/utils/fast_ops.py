@@ -110,7 +110,7 @@ def _attend_block(query, key, value, dtype):
 def cast(x, dtype):
     """`ops.cast(x, dtype)`, free when `x` already has `dtype`.
 
-    A denoising step casts ~250 times, mostly to the dtype a tensor already
+    A denoising step casts ~300 times, mostly to the dtype a tensor already
     has; on torch, Keras' dispatch of each (~40 us) adds up to ~10 ms a step.
     Keras variables are read as their tensors.
 
