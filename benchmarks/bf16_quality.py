@@ -27,10 +27,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.join(ROOT, "src"))
 
+import img2img_speed  # noqa: E402
 import speed_models  # noqa: E402
-
-GUIDANCE = 5.0
-PROMPT = "a red circle on a blue background"
 
 
 def psnr(a, b):
@@ -38,54 +36,19 @@ def psnr(a, b):
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def _render_ours(preset, dtype, size, steps):
-    import keras_diffusion as kd
-
-    task = kd.models.ImageToImage.from_preset(preset, dtype=dtype)
-    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), "uint8")
-    return task.generate(
-        {"images": image, "prompts": PROMPT},
-        num_steps=steps,
-        guidance_scale=GUIDANCE,
-        strength=1.0,
-        seed=0,
-        verbose=False,
-    )
-
-
-def _render_diffusers(folder, dtype, size, steps):
-    import PIL.Image
-    import torch
-    from diffusers import StableDiffusion3Img2ImgPipeline
-
-    pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(
-        folder,
-        text_encoder_3=None,
-        tokenizer_3=None,
-        torch_dtype=getattr(torch, dtype),
-    )
-    # Without `accelerate`, diffusers 0.42 leaves the transformer in float32
-    # whatever `torch_dtype` says; cast the whole pipeline explicitly.
-    pipe.to(dtype=getattr(torch, dtype))
-    pipe.set_progress_bar_config(disable=True)
-    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), "uint8")
-    out = pipe(
-        prompt=PROMPT,
-        image=PIL.Image.fromarray(image),
-        strength=1.0,
-        num_inference_steps=steps,
-        guidance_scale=GUIDANCE,
-        max_sequence_length=77,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images[0]
-    return np.round(np.clip(out, 0, 1) * 255).astype("uint8")
-
-
 def worker(system, path, size, steps):
-    render = _render_diffusers if system == "diffusers" else _render_ours
-    full = render(path, "float32", size, steps)
-    half = render(path, "bfloat16", size, steps)
+    """Render with `img2img_speed.py`'s runners in both dtypes; print PSNR."""
+    images = {}
+    for dtype in ("float32", "bfloat16"):
+        if system == "diffusers":
+            run = img2img_speed._runner_diffusers(path, 154, dtype, size)
+        else:
+            run = img2img_speed._runner_ours(None, None, dtype, size, preset=path)
+        image = np.asarray(run(steps))
+        if image.dtype != np.uint8:  # diffusers' float output in [0, 1]
+            image = np.round(np.clip(image, 0, 1) * 255).astype("uint8")
+        images[dtype] = image
+    full, half = images["float32"], images["bfloat16"]
     result = {"psnr": psnr(full, half), "std": float(np.std(full.astype("float64")))}
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -112,11 +75,13 @@ def main():
         ("ours", backend, args.config, os.path.join(folder, "ours_154"), size)
         for backend in args.backend or ["jax", "tensorflow", "torch"]
     ]
-    plan.insert(1, ("diffusers", "torch", args.config, f"{folder}/diffusers", size))
+    plan.insert(1, ("diffusers", "torch", args.config, folder, size))
     if args.demo:
         demo = os.path.join(ROOT, "presets", "sd3_tiny_demo")
         plan += [("ours", b, "demo", demo, 64) for b in args.backend or ["torch"]]
-    print(f"{args.steps} steps, strength 1.0, guidance {GUIDANCE}, seed 0\n")
+    print(
+        f"{args.steps} steps, strength 1.0, guidance {img2img_speed.GUIDANCE}, seed 0\n"
+    )
     print("| system | backend | model | PSNR bf16 vs f32 (dB) | f32 image std |")
     print("|---|---|---|---|---|")
     for system, backend, model, path, image_size in plan:

@@ -49,16 +49,16 @@ def _peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _runner_ours(folder, tokens, dtype, size):
+def _runner_ours(folder, tokens, dtype, size, preset=None):
+    """`run(steps)` -> uint8 image; `preset` overrides `folder/ours_<tokens>`."""
     import keras_diffusion as kd
 
-    task = kd.models.ImageToImage.from_preset(
-        os.path.join(folder, f"ours_{tokens}"), dtype=dtype
-    )
+    preset = preset or os.path.join(folder, f"ours_{tokens}")
+    task = kd.models.ImageToImage.from_preset(preset, dtype=dtype)
     image = _image(size)
 
     def run(steps):
-        task.generate(
+        return task.generate(
             {"images": image, "prompts": PROMPT},
             num_steps=steps,
             guidance_scale=GUIDANCE,
@@ -88,7 +88,7 @@ def _runner_diffusers(folder, tokens, dtype, size):
     image = PIL.Image.fromarray(_image(size))
 
     def run(steps):
-        pipe(
+        return pipe(
             prompt=PROMPT,
             image=image,
             strength=1.0,
@@ -97,7 +97,7 @@ def _runner_diffusers(folder, tokens, dtype, size):
             max_sequence_length=tokens - 77,
             generator=torch.Generator().manual_seed(0),
             output_type="np",
-        )
+        ).images[0]
 
     return run
 
