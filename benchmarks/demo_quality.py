@@ -5,11 +5,15 @@
 Every number comes from fixed seeds, with the preset's sampling defaults
 (steps, guidance) unless overridden:
 
-- judge accuracy: the pixel-rule judge of `tools/demo_shapes.py` on the
-  generator's own ground-truth images (it must be ~100% to be trusted);
+- judge accuracy: the pixel-rule judge of `tools/demo_shapes.py` (shape by
+  the nearest template) on the generator's own ground-truth images, and on
+  the same with rough outlines (`perturb_outline`); it must be ~100% on
+  both to be trusted. The earlier fill-ratio rule is measured beside it;
 - prompt adherence, strength 1.0 (text to image): one image for each
-  (colour, shape, background) caption; the share whose judged colours
-  match the prompt, and whose colours and shape match;
+  (colour, shape, background) caption and seed; the share whose judged
+  colours match the prompt, and whose colours and shape match (also by the
+  fill-ratio rule), and the mean fit (IoU) of the prompted shape's template,
+  which is ~0.99 on ground truth: how clean the outlines are;
 - layout preservation, strength 0.3: mean SSIM (gaussian window, on luma)
   between input and output, prompted with the input's own caption;
 - edit success, strength 0.6: the input's caption with another shape
@@ -68,8 +72,17 @@ def ssim(a, b, data_range=255.0):
 
 # ------------------------------------------------------------- the checks
 def judge_accuracy(n=600, seed=123):
+    """{name: accuracy} of both judges on clean and rough ground truth."""
     images, _, labels = shapes.make_dataset(n, seed=seed)
-    return np.mean([shapes.judge(im) == label for im, label in zip(images, labels)])
+    rng = np.random.default_rng(seed)
+    rough = [shapes.perturb_outline(im, lab, rng) for im, lab in zip(images, labels)]
+    results = {}
+    for rule, judge in (("", shapes.judge), (", fill ratio", shapes.judge_fill_ratio)):
+        for name, inputs in (("ground truth", images), ("rough outlines", rough)):
+            results[f"judge accuracy ({name}{rule})"] = np.mean(
+                [judge(im) == label for im, label in zip(inputs, labels)]
+            )
+    return results
 
 
 def all_captions():
@@ -86,7 +99,7 @@ def edit_label(label, rng):
     return others[rng.integers(len(others))], shape, background
 
 
-def run(task, n, seed, **sampling):
+def run(task, n, seed, adherence_seeds=3, **sampling):
     """The measurements and the images for the grid."""
 
     def generate(images, labels, strength, seed):
@@ -96,19 +109,32 @@ def run(task, n, seed, **sampling):
             task.generate(inputs, strength=strength, seed=seed, **sampling)
         )
 
-    results = {"judge accuracy (ground truth)": judge_accuracy()}
+    results = judge_accuracy()
 
-    labels = all_captions()
-    blank = np.full((len(labels), 64, 64, 3), 128, np.uint8)
-    out = generate(blank, labels, 1.0, seed)
-    judged = [shapes.judge(im) for im in out]
+    captions = all_captions()
+    blank = np.full((len(captions), 64, 64, 3), 128, np.uint8)
+    out = np.concatenate(
+        [generate(blank, captions, 1.0, seed + k) for k in range(adherence_seeds)]
+    )
+    labels = captions * adherence_seeds
+    details = [shapes.judge_details(im) for im in out]
+    judged = [d[0] for d in details]
     colours = [j[0] == lab[0] and j[2] == lab[2] for j, lab in zip(judged, labels)]
-    full = [j == lab for j, lab in zip(judged, labels)]
-    shape = [j[1] == lab[1] for j, lab in zip(judged, labels)]
     results["adherence s=1.0: colours"] = np.mean(colours)
-    results["adherence s=1.0: shape"] = np.mean(shape)
-    results["adherence s=1.0: colours+shape"] = np.mean(full)
-    text_to_image = out
+    results["adherence s=1.0: shape"] = np.mean(
+        [j[1] == lab[1] for j, lab in zip(judged, labels)]
+    )
+    results["adherence s=1.0: colours+shape"] = np.mean(
+        [j == lab for j, lab in zip(judged, labels)]
+    )
+    results["adherence s=1.0: colours+shape, fill ratio"] = np.mean(
+        [shapes.judge_fill_ratio(im) == lab for im, lab in zip(out, labels)]
+    )
+    results["adherence s=1.0: prompted template fit (IoU)"] = np.mean(
+        [fits.get(lab[1], 0.0) for (_, fits), lab in zip(details, labels)]
+    )
+    text_to_image = out[: len(captions)]
+    labels = captions
 
     images, _, originals = shapes.make_dataset(n, seed=seed + 1000)
     out = generate(images, originals, 0.3, seed)
@@ -183,6 +209,12 @@ def main():
     parser.add_argument("--preset", default="sd3_tiny_demo")
     parser.add_argument("--n", type=int, default=90, help="inputs for s=0.3 and 0.6")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--adherence-seeds",
+        type=int,
+        default=3,
+        help="seeds (from --seed) per caption for the strength-1.0 adherence",
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--shift", type=float, default=None, help="scheduler shift")
@@ -198,7 +230,7 @@ def main():
     sampling = {"num_steps": args.steps, "guidance_scale": args.guidance}
     defaults = {**task.sampling, **{k: v for k, v in sampling.items() if v}}
     start = time.time()
-    results, pictures = run(task, args.n, args.seed, **sampling)
+    results, pictures = run(task, args.n, args.seed, args.adherence_seeds, **sampling)
     print(
         f"preset {args.preset}: steps {defaults.get('num_steps')}, guidance "
         f"{defaults.get('guidance_scale')}, shift {task.backbone.scheduler_shift}, "
