@@ -14,6 +14,9 @@ Every number comes from fixed seeds, with the preset's sampling defaults
   colours match the prompt, and whose colours and shape match (also by the
   fill-ratio rule), and the mean fit (IoU) of the prompted shape's template,
   which is ~0.99 on ground truth: how clean the outlines are;
+- VAE reconstruction (encode to the posterior mean, decode) of ground
+  truth: judged = input, and the template fit: the outline ceiling the
+  MMDiT works under;
 - layout preservation, strength 0.3: mean SSIM (gaussian window, on luma)
   between input and output, prompted with the input's own caption;
 - edit success, strength 0.6: the input's caption with another shape
@@ -85,6 +88,26 @@ def judge_accuracy(n=600, seed=123):
     return results
 
 
+def vae_reconstruction(task, n=300, seed=77):
+    """Judged accuracy and template fit of the VAE's reconstructions."""
+    from keras import ops
+
+    images, _, labels = shapes.make_dataset(n, seed=seed)
+    vae = task.backbone.vae
+    mean, _ = vae.encode(images.astype("float32") / 127.5 - 1.0)
+    decoded = ops.convert_to_numpy(vae.decode(mean))
+    decoded = np.clip((decoded + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+    details = [shapes.judge_details(im) for im in decoded]
+    return {
+        "VAE reconstruction: judged = input": np.mean(
+            [judged == lab for (judged, _), lab in zip(details, labels)]
+        ),
+        "VAE reconstruction: template fit (IoU)": np.mean(
+            [fits.get(lab[1], 0.0) for (_, fits), lab in zip(details, labels)]
+        ),
+    }
+
+
 def all_captions():
     return [
         (c, s, b)
@@ -110,6 +133,7 @@ def run(task, n, seed, adherence_seeds=3, **sampling):
         )
 
     results = judge_accuracy()
+    results.update(vae_reconstruction(task))
 
     captions = all_captions()
     blank = np.full((len(captions), 64, 64, 3), 128, np.uint8)
