@@ -157,8 +157,6 @@ def run(task, n, seed, adherence_seeds=3, **sampling):
     results["adherence s=1.0: prompted template fit (IoU)"] = np.mean(
         [fits.get(lab[1], 0.0) for (_, fits), lab in zip(details, labels)]
     )
-    text_to_image = out[: len(captions)]
-    labels = captions
 
     images, _, originals = shapes.make_dataset(n, seed=seed + 1000)
     out = generate(images, originals, 0.3, seed)
@@ -182,7 +180,6 @@ def run(task, n, seed, adherence_seeds=3, **sampling):
     )
     edited = out
     return results, dict(
-        text_to_image=(text_to_image, labels),
         inputs=(images, originals),
         layout=layout,
         edits=(edited, edits),
