@@ -17,6 +17,19 @@ os.environ["KAGGLEHUB_CACHE"] = os.path.join(_HUB_ROOT, "kaggle")
 os.environ["KERAS_DIFFUSION_CACHE"] = os.path.join(_HUB_ROOT, "keras_diffusion")
 os.environ.pop("HF_TOKEN", None)
 
+# jax: XLA compiling dominates the jax leg, and many tests compile the same
+# programs (a fresh task per comparison, the same preset in many files). A
+# compilation cache shared by this run's xdist workers, empty at the start of
+# each run, compiles each program once. Tracing still happens per function,
+# so a value baked into a trace still changes the program and misses the cache.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"kd-test-jax-cache-{_RUN}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
