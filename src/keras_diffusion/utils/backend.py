@@ -6,7 +6,8 @@ for the current backend:
 - jax: `jax.jit` of a stateless function; the variables' current values are
   passed in as arguments on every call (explicit state: weights changed by
   `fit` are seen, nothing is baked into the compiled program);
-- tensorflow: `tf.function`, which reads the variables on every call;
+- tensorflow: `tf.function` without autograph, which reads the variables
+  on every call;
 - torch: eager under `torch.no_grad()`.
 
 Everything `fn` receives must be an argument; it must not read per-call
@@ -54,7 +55,11 @@ def compile_function(fn, variables, jit_compile=False):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
+        # No autograph: the loops are explicit (`ops.fori_loop`), and
+        # converting the Python source costs ~30% of a first call's tracing.
+        return tf.function(
+            fn, jit_compile=jit_compile, reduce_retracing=True, autograph=False
+        )
     if backend == "torch":
         import torch
 
