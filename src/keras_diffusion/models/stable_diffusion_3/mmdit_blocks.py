@@ -304,13 +304,22 @@ class MMDiTBlock(keras.layers.Layer):
         return q, k, v
 
     def _attend(self, queries, keys, values):
-        """Attention over the joined token groups, `(B, T_q, hidden_dim)`.
+        """Attention over the joined token groups: one `(B, T_i, hidden_dim)`
+        output per query group.
 
         Softmax in float32; the backend's fastest CPU path (utils.fast_ops).
+        Each group is sliced before its heads are merged, so on torch each
+        output is one contiguous copy, ready for its projection's matmul.
         """
         out = joint_attention(queries, keys, values)
-        shape = ops.shape(out)
-        return ops.reshape(out, (shape[0], shape[1], self.hidden_dim))
+        batch = ops.shape(out)[0]
+        outputs, start = [], 0
+        for query in queries:
+            tokens = ops.shape(query)[1]
+            part = out[:, start : start + tokens]
+            outputs.append(ops.reshape(part, (batch, tokens, self.hidden_dim)))
+            start = start + tokens
+        return outputs
 
     def call(self, x, context, conditioning):
         f32 = "float32"
@@ -343,8 +352,7 @@ class MMDiTBlock(keras.layers.Layer):
         # drops its text outputs, so only image queries are computed.
         queries = [qx] if self.context_pre_only else [qx, qc]
         attention = self._attend(queries, [kx, kc], [vx, vc])
-        num_x = ops.shape(x)[1]
-        x_attention = linear(self.x_attention_output, attention[:, :num_x])
+        x_attention = linear(self.x_attention_output, attention[0])
         x = gated_residual(x, gate_msa, x_attention)
 
         if self.dual_attention:
@@ -354,7 +362,7 @@ class MMDiTBlock(keras.layers.Layer):
                 linear(self.x_qkv_2, x_in2), self.x_query_norm_2, self.x_key_norm_2
             )
             x_attention2 = linear(
-                self.x_attention_output_2, self._attend([q2], [k2], [v2])
+                self.x_attention_output_2, self._attend([q2], [k2], [v2])[0]
             )
             x = gated_residual(x, gate_msa2, x_attention2)
 
@@ -364,7 +372,7 @@ class MMDiTBlock(keras.layers.Layer):
             return x
 
         c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod[2:]
-        c_attention = linear(self.context_attention_output, attention[:, num_x:])
+        c_attention = linear(self.context_attention_output, attention[1])
         context = gated_residual(context, c_gate_msa, c_attention)
         c_mlp = self.context_mlp(
             modulate(layer_norm(context), c_shift_mlp, c_scale_mlp)
