@@ -1,0 +1,88 @@
+"""Where a first `generate` call's extra time goes, phase by phase.
+
+    python benchmarks/img2img_speed.py --config bench   # prepares the models once
+    KERAS_BACKEND=tensorflow python benchmarks/first_call.py [--steps 6 2 2 6]
+
+In this fresh process: the import and `from_preset` times, then one line per
+`generate` call (`--steps` gives each call's `num_steps`) with its total and
+the time of each phase of the task: text encoding, image encoding, the
+denoising loop and decoding (each waited for: its outputs are read back). A
+phase that is much slower on its first call than later compiled something; a
+call with a new `num_steps` that is as fast as a repeated one compiled
+nothing.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+START = time.perf_counter()
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+
+PHASES = ("encode_text", "encode_image", "denoise", "decode")
+
+
+def timed(task, name, record):
+    """Replace `task.<name>` by a version that records its wall time."""
+    import keras
+
+    method = getattr(task, name)
+
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        out = method(*args, **kwargs)
+        for value in keras.tree.flatten(out):
+            if hasattr(value, "shape"):
+                keras.ops.convert_to_numpy(value)
+        record[name] = time.perf_counter() - start
+        return out
+
+    setattr(task, name, run)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", default="/tmp/kd-speed-bench/ours_154")
+    parser.add_argument("--steps", type=int, nargs="+", default=[6, 2, 2, 6])
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+
+    import keras
+    import numpy as np
+
+    imported_keras = time.perf_counter()
+    import keras_diffusion as kd
+
+    imported = time.perf_counter()
+    task = kd.models.ImageToImage.from_preset(args.folder)
+    loaded = time.perf_counter()
+    print(
+        f"{keras.backend.backend()}: import keras {imported_keras - START:.2f} s, "
+        f"keras_diffusion {imported - imported_keras:.2f} s, "
+        f"from_preset {loaded - imported:.2f} s"
+    )
+    record = {}
+    for name in PHASES:
+        timed(task, name, record)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    for index, steps in enumerate(args.steps):
+        record.clear()
+        start = time.perf_counter()
+        task.generate(
+            {"images": image, "prompts": "a photo"},
+            num_steps=steps,
+            guidance_scale=5.0,
+            strength=1.0,
+            seed=0,
+            verbose=False,
+        )
+        total = time.perf_counter() - start
+        phases = ", ".join(f"{name} {record[name]:.2f}" for name in PHASES)
+        print(f"call {index}: {steps} steps {total:.2f} s ({phases})")
+
+
+if __name__ == "__main__":
+    main()
