@@ -19,7 +19,11 @@ import time
 
 START = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.join(os.path.dirname(HERE), "src"))
+
+# The same call img2img_speed.py times: its image, prompt, guidance and steps.
+from img2img_speed import GUIDANCE, LONG, PROMPT, SHORT, _image  # noqa: E402
 
 PHASES = ("encode_text", "encode_image", "denoise", "decode")
 
@@ -45,12 +49,13 @@ def timed(task, name, record):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", default="/tmp/kd-speed-bench/ours_154")
-    parser.add_argument("--steps", type=int, nargs="+", default=[6, 2, 2, 6])
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=[LONG, SHORT, SHORT, LONG]
+    )
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
 
     import keras
-    import numpy as np
 
     imported_keras = time.perf_counter()
     import keras_diffusion as kd
@@ -66,15 +71,14 @@ def main():
     record = {}
     for name in PHASES:
         timed(task, name, record)
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    image = _image(args.size)
     for index, steps in enumerate(args.steps):
         record.clear()
         start = time.perf_counter()
         task.generate(
-            {"images": image, "prompts": "a photo"},
+            {"images": image, "prompts": PROMPT},
             num_steps=steps,
-            guidance_scale=5.0,
+            guidance_scale=GUIDANCE,
             strength=1.0,
             seed=0,
             verbose=False,
