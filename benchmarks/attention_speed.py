@@ -6,7 +6,8 @@ Times, compiled (jax.jit / tf.function; torch eager), the attention of one
 `bench` MMDiT block with guidance (batch 2, 6 heads of 64, 1,024 image plus
 154 text tokens): Keras' `ops.dot_product_attention`, one plain einsum
 attention, and ours (`keras_diffusion.utils.fast_ops.attention`: blocks of
-queries on jax / tensorflow, torch's fused kernel on torch). Prints the best
+queries on jax, heads-first batched matmuls on tensorflow, torch's fused
+kernel on torch). Prints the best
 of `--repeats` runs, interleaved, and the max abs difference to Keras' op.
 """
 

@@ -99,6 +99,38 @@ def test_linear_with_gelu_equals_dense_then_gelu(inference):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_linear_in_a_tensorflow_graph_with_unknown_shapes_and_gradients():
+    # tensorflow flattens to a 2D matmul with its bias (and GELU) for
+    # grappler to fuse; the reshapes must hold for unknown batch and token
+    # axes, and training must see the same gradients as the Dense layer's.
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tensorflow's graph path; other backends run it eagerly above")
+    import tensorflow as tf
+
+    layer = keras.layers.Dense(7)
+    layer.build((None, None, 4))
+    layer.bias.assign(_normal(7))
+    x = tf.constant(_normal(2, 5, 4))
+
+    def grads(fn, x):
+        with tf.GradientTape() as tape:
+            out = fn(x)
+            loss = tf.reduce_sum(out * out)
+        return out, tape.gradient(loss, [layer.kernel.value, layer.bias.value])
+
+    spec = [tf.TensorSpec((None, None, 4))]
+    fast = tf.function(
+        lambda x: grads(lambda x: fast_ops.linear(layer, x, "gelu_tanh"), x),
+        input_signature=spec,
+    )
+    got, got_grads = fast(x)
+    want, want_grads = grads(lambda x: ops.gelu(layer(x), approximate=True), x)
+    assert tuple(got.shape) == (2, 5, 7)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+
+
 def test_linear_rejects_unknown_activation():
     layer = keras.layers.Dense(2)
     with pytest.raises(ValueError, match="gelu_tanh"):

@@ -6,9 +6,11 @@ rounding (tests/test_fast_ops.py):
 
 - `attention`, `joint_attention`: torch's fused
   `scaled_dot_product_attention` (on heads-first memory for the joint one);
-  query-blocked einsums on jax and tensorflow;
+  query-blocked einsums on jax; two batched matmuls on heads-first copies
+  on tensorflow;
 - `linear`: a Dense layer (and GELU) with its bias folded into the matmul
-  on torch, and the GELU into oneDNN's matmul at inference;
+  on torch, and the GELU into oneDNN's matmul at inference; on tensorflow,
+  the 2D matmul, bias add and GELU that grappler fuses into one oneDNN op;
 - `modulate`, `gated_residual`: AdaLN's element-wise maths as one fused
   pass each on torch, and `cast`, which skips no-op casts;
 - `conv2d`, `group_norm`: on torch, one oneDNN convolution or one native
@@ -22,7 +24,7 @@ from keras import ops
 
 from keras_diffusion.utils.backend import backend_name
 
-# Queries per block of `attention` on jax / tensorflow (see there).
+# Queries per block of `attention` on jax (see there).
 ATTENTION_QUERY_BLOCK = 512
 
 
@@ -31,10 +33,13 @@ def attention(query, key, value, scale=None):
 
     Scores and softmax are float32; the result has the query's dtype.
     torch runs its fused kernel (`scaled_dot_product_attention` through
-    `ops.dot_product_attention`). On jax and tensorflow, that op is 1.6-3x
-    slower on CPU than plain einsums over blocks of `ATTENTION_QUERY_BLOCK`
-    queries (measured with 1,178 tokens, 6 heads of 64; blocks keep the
-    score matrix in cache), which is what runs there.
+    `ops.dot_product_attention`). On jax, that op is 1.6-3x slower on CPU
+    than plain einsums over blocks of `ATTENTION_QUERY_BLOCK` queries
+    (measured with 1,178 tokens, 6 heads of 64; blocks keep the score
+    matrix in cache), which is what runs there. On tensorflow, where each
+    graph op runs alone and blocks gain nothing, q, k and v are made
+    heads-first once and the scores are one `matmul(q, k, transpose_b=True)`
+    (`benchmarks/attention_speed.py`).
 
     Examples:
 
@@ -51,6 +56,8 @@ def attention(query, key, value, scale=None):
     if backend_name() == "torch":
         return ops.dot_product_attention(query, key, value, scale=scale)
     query = ops.multiply(query, ops.cast(scale, query.dtype))
+    if backend_name() == "tensorflow":
+        return _tf_heads_first_attention(query, key, value, dtype)
     tokens = query.shape[1]
     block = ATTENTION_QUERY_BLOCK
     if not isinstance(tokens, int) or tokens <= block:
@@ -99,6 +106,19 @@ def joint_attention(queries, keys, values, scale=None):
         query, heads_first(keys), heads_first(values), scale=scale
     )
     return out.transpose(1, 2)
+
+
+def _tf_heads_first_attention(query, key, value, dtype):
+    """Attention as two batched matmuls on heads-first copies of q, k, v
+    (an einsum transposes its operands again in every call, and once per
+    query block), float32 scores and softmax."""
+    import tensorflow as tf
+
+    query, key, value = (tf.transpose(t, (0, 2, 1, 3)) for t in (query, key, value))
+    scores = tf.cast(tf.matmul(query, key, transpose_b=True), "float32")
+    weights = tf.cast(tf.nn.softmax(scores, axis=-1), value.dtype)
+    out = tf.cast(tf.matmul(weights, value), dtype)
+    return tf.transpose(out, (0, 2, 1, 3))
 
 
 def _attend_block(query, key, value, dtype):
@@ -192,7 +212,10 @@ def linear(layer, inputs, activation=None):
       in bfloat16 than matmul, then GELU). oneDNN's fused op has no
       backward, so training takes `addmm` + GELU.
 
-    Other backends fuse in their compilers; layers with LoRA, quantization,
+    On tensorflow the 3D input is flattened to a 2D `matmul`, `bias_add`
+    and `tf.nn.gelu`, the pattern grappler's remapper fuses into one oneDNN
+    matmul (Keras' Dense reshapes between its matmul and a plain bias add,
+    which stay three ops). jax fuses in XLA; layers with LoRA, quantization,
     their own activation or no bias are simply called.
 
     Examples:
@@ -210,7 +233,7 @@ def linear(layer, inputs, activation=None):
     if not layer.built:
         layer.build(tuple(inputs.shape))
     if (
-        backend_name() != "torch"
+        backend_name() not in ("torch", "tensorflow")
         or layer.lora_enabled
         or layer.quantization_mode is not None
         or layer.activation is not keras.activations.linear
@@ -218,12 +241,14 @@ def linear(layer, inputs, activation=None):
     ):
         out = layer(inputs)
         return out if activation is None else ops.gelu(out, approximate=True)
-    import torch
-
     dtype = layer.compute_dtype
     kernel = cast(layer.kernel, dtype)
     bias = cast(layer.bias, dtype)
     x = cast(inputs, dtype)
+    if backend_name() == "tensorflow":
+        return _tf_linear(x, kernel, bias, activation)
+    import torch
+
     if activation is not None and _onednn_gelu_usable(x, kernel):
         # oneDNN reads the (out, in) weight as the transpose of the stored
         # contiguous (in, out) kernel without a copy.
@@ -233,6 +258,17 @@ def linear(layer, inputs, activation=None):
     if activation is not None:
         out = torch.nn.functional.gelu(out, approximate="tanh")
     return out
+
+
+def _tf_linear(x, kernel, bias, activation):
+    """`linear` on tensorflow: a 2D matmul, `bias_add` and GELU, which
+    grappler's remapper fuses into one oneDNN op."""
+    import tensorflow as tf
+
+    out = tf.nn.bias_add(tf.matmul(tf.reshape(x, (-1, kernel.shape[0])), kernel), bias)
+    if activation is not None:
+        out = tf.nn.gelu(out, approximate=True)
+    return tf.reshape(out, tf.concat([tf.shape(x)[:-1], [kernel.shape[1]]], 0))
 
 
 def _onednn_gelu_usable(x, kernel):
