@@ -60,14 +60,6 @@ def test_group_norm_matches_numpy_on_large_offset_activations():
     )
 
 
-def test_attention_equals_dot_product_attention_across_query_blocks(monkeypatch):
-    monkeypatch.setattr(fast_ops, "ATTENTION_QUERY_BLOCK", 4)
-    q, k, v = _normal(2, 11, 3, 8), _normal(2, 7, 3, 8), _normal(2, 7, 3, 8)
-    got = ops.convert_to_numpy(fast_ops.attention(q, k, v))
-    want = ops.convert_to_numpy(ops.dot_product_attention(q, k, v))
-    np.testing.assert_allclose(got, want, atol=1e-5)
-
-
 def test_linear_equals_the_dense_layer():
     layer = keras.layers.Dense(6)
     x = _normal(2, 3, 4)
@@ -135,20 +127,6 @@ def test_linear_rejects_unknown_activation():
     layer = keras.layers.Dense(2)
     with pytest.raises(ValueError, match="gelu_tanh"):
         fast_ops.linear(layer, _normal(1, 3), "relu")
-
-
-@pytest.mark.parametrize("query_parts", [1, 2])
-def test_joint_attention_equals_attention_of_the_concatenation(query_parts):
-    q = [_normal(2, 6, 3, 8), _normal(2, 4, 3, 8)][:query_parts]
-    k = [_normal(2, 6, 3, 8), _normal(2, 4, 3, 8)]
-    v = [_normal(2, 6, 3, 8), _normal(2, 4, 3, 8)]
-    got = fast_ops.joint_attention(q, k, v)
-    join = lambda parts: np.concatenate(parts, axis=1)  # noqa: E731
-    want = ops.dot_product_attention(join(q), join(k), join(v))
-    assert tuple(got.shape) == tuple(want.shape)
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(got), ops.convert_to_numpy(want), atol=1e-5
-    )
 
 
 def test_modulate_and_gated_residual_follow_their_formulas():

@@ -2,12 +2,9 @@
 
 Model code calls these instead of the plain layer or op where a backend has
 a faster kernel; the results agree with the plain Keras computation to float
-rounding (tests/test_fast_ops.py):
+rounding (tests/test_fast_ops.py). Attention has its own module,
+`utils.fast_attention`.
 
-- `attention`, `joint_attention`: torch's fused
-  `scaled_dot_product_attention` (on heads-first memory for the joint one);
-  query-blocked einsums on jax; two batched matmuls on heads-first copies
-  on tensorflow;
 - `linear`: a Dense layer (and GELU) with its bias folded into the matmul
   on torch, and the GELU into oneDNN's matmul at inference; on tensorflow,
   the 2D matmul, bias add and GELU that grappler fuses into one oneDNN op;
@@ -23,108 +20,6 @@ import keras
 from keras import ops
 
 from keras_diffusion.utils.backend import backend_name
-
-# Queries per block of `attention` on jax (see there).
-ATTENTION_QUERY_BLOCK = 512
-
-
-def attention(query, key, value, scale=None):
-    """Softmax attention, `(B, T, heads, head_dim)` in and out.
-
-    Scores and softmax are float32; the result has the query's dtype.
-    torch runs its fused kernel (`scaled_dot_product_attention` through
-    `ops.dot_product_attention`). On jax, that op is 1.6-3x slower on CPU
-    than plain einsums over blocks of `ATTENTION_QUERY_BLOCK` queries
-    (measured with 1,178 tokens, 6 heads of 64; blocks keep the score
-    matrix in cache), which is what runs there. On tensorflow, where each
-    graph op runs alone and blocks gain nothing, q, k and v are made
-    heads-first once and the scores are one `matmul(q, k, transpose_b=True)`
-    (`benchmarks/attention_speed.py`).
-
-    Examples:
-
-    >>> import numpy as np
-    >>> q = np.random.default_rng(0).standard_normal((1, 5, 2, 4), "float32")
-    >>> out = attention(q, q, q)
-    >>> ref = keras.ops.dot_product_attention(q, q, q)
-    >>> bool(np.allclose(out, ref, atol=1e-6))
-    True
-    """
-    dtype = query.dtype
-    head_dim = query.shape[-1]
-    scale = float(head_dim) ** -0.5 if scale is None else float(scale)
-    if backend_name() == "torch":
-        return ops.dot_product_attention(query, key, value, scale=scale)
-    query = ops.multiply(query, ops.cast(scale, query.dtype))
-    if backend_name() == "tensorflow":
-        return _tf_heads_first_attention(query, key, value, dtype)
-    tokens = query.shape[1]
-    block = ATTENTION_QUERY_BLOCK
-    if not isinstance(tokens, int) or tokens <= block:
-        return _attend_block(query, key, value, dtype)
-    blocks = [
-        _attend_block(query[:, start : start + block], key, value, dtype)
-        for start in range(0, tokens, block)
-    ]
-    return ops.concatenate(blocks, axis=1)
-
-
-def joint_attention(queries, keys, values, scale=None):
-    """`attention` over token groups joined along the token axis.
-
-    `queries`, `keys` and `values` are lists of `(B, T_i, heads, head_dim)`
-    parts (image tokens, text tokens); the result is `(B, sum T_q, heads,
-    head_dim)`, as `attention` of the concatenations. On torch the parts are
-    joined in heads-first memory, `(B, heads, T, head_dim)`, which its fused
-    kernel reads a few percent faster than the token-major views a token-axis
-    concatenation gives (`benchmarks/linear_speed.py`); the join is the copy
-    the concatenation makes anyway.
-
-    Examples:
-
-    >>> import numpy as np
-    >>> rng = np.random.default_rng(0)
-    >>> a, b = rng.standard_normal((2, 1, 3, 2, 4), "float32")
-    >>> out = joint_attention([a, b], [a, b], [a, b])
-    >>> ab = np.concatenate([a, b], axis=1)
-    >>> ref = keras.ops.convert_to_numpy(attention(ab, ab, ab))
-    >>> bool(np.allclose(keras.ops.convert_to_numpy(out), ref, atol=1e-6))
-    True
-    """
-    if backend_name() != "torch":
-        join = lambda parts: ops.concatenate(parts, axis=1)  # noqa: E731
-        return attention(join(queries), join(keys), join(values), scale)
-    import torch
-
-    def heads_first(parts):
-        parts = [ops.convert_to_tensor(p).transpose(1, 2) for p in parts]
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
-
-    query = heads_first(queries)
-    scale = float(query.shape[-1]) ** -0.5 if scale is None else float(scale)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, heads_first(keys), heads_first(values), scale=scale
-    )
-    return out.transpose(1, 2)
-
-
-def _tf_heads_first_attention(query, key, value, dtype):
-    """Attention as two batched matmuls on heads-first copies of q, k, v
-    (an einsum transposes its operands again in every call, and once per
-    query block), float32 scores and softmax."""
-    import tensorflow as tf
-
-    query, key, value = (tf.transpose(t, (0, 2, 1, 3)) for t in (query, key, value))
-    scores = tf.cast(tf.matmul(query, key, transpose_b=True), "float32")
-    weights = tf.cast(tf.nn.softmax(scores, axis=-1), value.dtype)
-    out = tf.cast(tf.matmul(weights, value), dtype)
-    return tf.transpose(out, (0, 2, 1, 3))
-
-
-def _attend_block(query, key, value, dtype):
-    scores = ops.cast(ops.einsum("bqhd,bkhd->bhqk", query, key), "float32")
-    weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
-    return ops.cast(ops.einsum("bhqk,bkhd->bqhd", weights, value), dtype)
 
 
 def cast(x, dtype):

@@ -14,13 +14,8 @@ import keras
 from keras import ops
 
 from keras_diffusion.api_export import register
-from keras_diffusion.utils.fast_ops import (
-    cast,
-    gated_residual,
-    joint_attention,
-    linear,
-    modulate,
-)
+from keras_diffusion.utils.fast_attention import joint_attention, split_heads
+from keras_diffusion.utils.fast_ops import cast, gated_residual, linear, modulate
 
 LAYER_NORM_EPSILON = 1e-6
 QK_NORM_EPSILON = 1e-6
@@ -294,32 +289,13 @@ class MMDiTBlock(keras.layers.Layer):
                 norm.build(heads)
 
     def _heads(self, qkv, query_norm, key_norm):
-        """`(B, T, 3*D)` -> q, k, v of shape `(B, T, heads, head_dim)`."""
-        shape = ops.shape(qkv)
-        qkv = ops.reshape(qkv, (shape[0], shape[1], 3, self.num_heads, self.head_dim))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        """`(B, T, 3*D)` -> q, k, v in `joint_attention`'s layout, with the
+        per-head RMS norms (on the last axis, `head_dim`) where set."""
+        q, k, v = split_heads(qkv, self.num_heads, self.head_dim)
         if query_norm is not None:
             q = ops.cast(query_norm(q), self.compute_dtype)
             k = ops.cast(key_norm(k), self.compute_dtype)
         return q, k, v
-
-    def _attend(self, queries, keys, values):
-        """Attention over the joined token groups: one `(B, T_i, hidden_dim)`
-        output per query group.
-
-        Softmax in float32; the backend's fastest CPU path (utils.fast_ops).
-        Each group is sliced before its heads are merged, so on torch each
-        output is one contiguous copy, ready for its projection's matmul.
-        """
-        out = joint_attention(queries, keys, values)
-        batch = ops.shape(out)[0]
-        outputs, start = [], 0
-        for query in queries:
-            tokens = ops.shape(query)[1]
-            part = out[:, start : start + tokens]
-            outputs.append(ops.reshape(part, (batch, tokens, self.hidden_dim)))
-            start = start + tokens
-        return outputs
 
     def call(self, x, context, conditioning):
         f32 = "float32"
@@ -351,7 +327,7 @@ class MMDiTBlock(keras.layers.Layer):
         # Joint attention over [image tokens; text tokens]. A pre-only block
         # drops its text outputs, so only image queries are computed.
         queries = [qx] if self.context_pre_only else [qx, qc]
-        attention = self._attend(queries, [kx, kc], [vx, vc])
+        attention = joint_attention(queries, [kx, kc], [vx, vc])
         x_attention = linear(self.x_attention_output, attention[0])
         x = gated_residual(x, gate_msa, x_attention)
 
@@ -362,7 +338,7 @@ class MMDiTBlock(keras.layers.Layer):
                 linear(self.x_qkv_2, x_in2), self.x_query_norm_2, self.x_key_norm_2
             )
             x_attention2 = linear(
-                self.x_attention_output_2, self._attend([q2], [k2], [v2])[0]
+                self.x_attention_output_2, joint_attention([q2], [k2], [v2])[0]
             )
             x = gated_residual(x, gate_msa2, x_attention2)
 

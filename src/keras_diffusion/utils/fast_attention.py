@@ -1,0 +1,182 @@
+"""The fastest CPU path of softmax attention, per backend.
+
+Model code calls these instead of `ops.dot_product_attention`; the results
+agree with it to float rounding (tests/test_fast_attention.py). Scores and
+softmax are float32 on every path.
+
+- torch: its fused `scaled_dot_product_attention`, fed heads-first memory;
+- jax: einsums over blocks of `ATTENTION_QUERY_BLOCK` queries (XLA keeps a
+  block's score matrix in cache; 1.6-3x faster than Keras' op on CPU);
+- tensorflow: two batched matmuls on heads-first tensors,
+  `matmul(q, k, transpose_b=True)`. An einsum transposes its operands again
+  on every call, and query blocks gain nothing where each graph op runs
+  alone. `split_heads` gives q, k and v heads-first straight from the fused
+  q/k/v projection (one transpose per stream; the three are then free
+  leading-axis slices).
+
+`benchmarks/attention_speed.py` times `attention` against Keras' op.
+"""
+
+import keras  # noqa: F401 (the examples use it)
+from keras import ops
+
+from keras_diffusion.utils.backend import backend_name
+
+# Queries per block of `attention` on jax (see there).
+ATTENTION_QUERY_BLOCK = 512
+
+
+def attention(query, key, value, scale=None):
+    """Softmax attention, `(B, T, heads, head_dim)` in and out.
+
+    The result has the query's dtype; `scale` defaults to `head_dim**-0.5`.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> q = np.random.default_rng(0).standard_normal((1, 5, 2, 4), "float32")
+    >>> out = attention(q, q, q)
+    >>> ref = keras.ops.dot_product_attention(q, q, q)
+    >>> bool(np.allclose(out, ref, atol=1e-6))
+    True
+    """
+    scale = _scale(query, scale)
+    backend = backend_name()
+    if backend == "torch":
+        return ops.dot_product_attention(query, key, value, scale=scale)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        query, key, value = (tf.transpose(t, (0, 2, 1, 3)) for t in (query, key, value))
+        return tf.transpose(_tf_attend(query, key, value, scale), (0, 2, 1, 3))
+    return _jax_attend(query, key, value, scale)
+
+
+def split_heads(qkv, num_heads, head_dim):
+    """A fused q/k/v projection `(B, T, 3 * heads * head_dim)` -> q, k, v.
+
+    Each comes in the layout `joint_attention` reads on this backend:
+    `(B, heads, T, head_dim)` on tensorflow, `(B, T, heads, head_dim)`
+    elsewhere (views of `qkv` on torch). Either way the last axis is
+    `head_dim`, so per-head norms apply as they are.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> q, k, v = split_heads(np.zeros((2, 5, 3 * 4 * 8), "float32"), 4, 8)
+    >>> sorted(tuple(q.shape)) == [2, 4, 5, 8]
+    True
+    """
+    shape = ops.shape(qkv)
+    qkv = ops.reshape(qkv, (shape[0], shape[1], 3, num_heads, head_dim))
+    if backend_name() == "tensorflow":
+        import tensorflow as tf
+
+        # Leading-axis slices of a contiguous tensor share its buffer.
+        qkv = tf.transpose(qkv, (2, 0, 3, 1, 4))
+        return qkv[0], qkv[1], qkv[2]
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def joint_attention(queries, keys, values, scale=None):
+    """Attention over token groups joined along the token axis.
+
+    `queries`, `keys` and `values` are lists of parts (image tokens, text
+    tokens) as `split_heads` lays them out. Returns one `(B, T_i, heads *
+    head_dim)` output per query part: `attention` of the concatenations,
+    split back into the query groups with their heads merged. Each output
+    is one contiguous copy, ready for its projection's matmul.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = (split_heads(p, 2, 4) for p in rng.standard_normal((2, 1, 3, 24)))
+    >>> out_a, out_b = joint_attention([a[0], b[0]], [a[1], b[1]], [a[2], b[2]])
+    >>> tuple(out_a.shape), tuple(out_b.shape)
+    ((1, 3, 8), (1, 3, 8))
+    """
+    scale = _scale(queries[0], scale)
+    backend = backend_name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def join(parts):
+            return tf.concat(parts, axis=2) if len(parts) > 1 else parts[0]
+
+        out = _tf_attend(join(queries), join(keys), join(values), scale)
+        out = tf.transpose(out, (0, 2, 1, 3))
+        sizes = [ops.shape(q)[2] for q in queries]
+    elif backend == "torch":
+        out = _torch_joint_attend(queries, keys, values, scale)
+        sizes = [q.shape[1] for q in queries]
+    else:
+
+        def join(parts):
+            return ops.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+        out = _jax_attend(join(queries), join(keys), join(values), scale)
+        sizes = [ops.shape(q)[1] for q in queries]
+    batch, hidden = ops.shape(out)[0], out.shape[2] * out.shape[3]
+    outputs, start = [], 0
+    for size in sizes:
+        part = out[:, start : start + size]
+        outputs.append(ops.reshape(part, (batch, size, hidden)))
+        start = start + size
+    return outputs
+
+
+def _scale(query, scale):
+    return float(query.shape[-1]) ** -0.5 if scale is None else float(scale)
+
+
+def _tf_attend(query, key, value, scale):
+    """Heads-first `(B, heads, T, head_dim)` attention on tensorflow."""
+    import tensorflow as tf
+
+    dtype = query.dtype
+    query = query * tf.cast(scale, dtype)
+    scores = tf.cast(tf.matmul(query, key, transpose_b=True), "float32")
+    weights = tf.cast(tf.nn.softmax(scores, axis=-1), value.dtype)
+    return tf.cast(tf.matmul(weights, value), dtype)
+
+
+def _torch_joint_attend(queries, keys, values, scale):
+    """Token-major parts in, token-major `(B, T, heads, head_dim)` view out.
+
+    The parts are joined in heads-first memory, which torch's fused kernel
+    reads a few percent faster than the token-major views a token-axis
+    concatenation gives (`benchmarks/linear_speed.py`); the join is the
+    copy the concatenation makes anyway.
+    """
+    import torch
+
+    def heads_first(parts):
+        parts = [ops.convert_to_tensor(p).transpose(1, 2) for p in parts]
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
+
+    out = torch.nn.functional.scaled_dot_product_attention(
+        heads_first(queries), heads_first(keys), heads_first(values), scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def _jax_attend(query, key, value, scale):
+    """Token-major attention in blocks of `ATTENTION_QUERY_BLOCK` queries."""
+    dtype = query.dtype
+    query = ops.multiply(query, ops.cast(scale, dtype))
+    tokens = query.shape[1]
+    block = ATTENTION_QUERY_BLOCK
+    if not isinstance(tokens, int) or tokens <= block:
+        return _attend_block(query, key, value, dtype)
+    blocks = [
+        _attend_block(query[:, start : start + block], key, value, dtype)
+        for start in range(0, tokens, block)
+    ]
+    return ops.concatenate(blocks, axis=1)
+
+
+def _attend_block(query, key, value, dtype):
+    scores = ops.cast(ops.einsum("bqhd,bkhd->bhqk", query, key), "float32")
+    weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
+    return ops.cast(ops.einsum("bhqk,bkhd->bqhd", weights, value), dtype)

@@ -1,0 +1,101 @@
+"""The backend attention paths (`utils.fast_attention`) against Keras' op."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_diffusion.utils import fast_attention
+
+RNG = np.random.default_rng(0)
+
+
+def _normal(*shape):
+    return RNG.standard_normal(shape).astype("float32")
+
+
+def _heads(qkv, heads, head_dim):
+    """numpy reference: `(B, T, 3*H*d)` -> token-major q, k, v."""
+    b, t, _ = qkv.shape
+    qkv = qkv.reshape(b, t, 3, heads, head_dim)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def test_attention_equals_dot_product_attention_across_query_blocks(monkeypatch):
+    # Blocks of 4 queries split 11 into 4 + 4 + 3 on jax; the other
+    # backends ignore blocks and must agree all the same.
+    monkeypatch.setattr(fast_attention, "ATTENTION_QUERY_BLOCK", 4)
+    q, k, v = _normal(2, 11, 3, 8), _normal(2, 7, 3, 8), _normal(2, 7, 3, 8)
+    got = ops.convert_to_numpy(fast_attention.attention(q, k, v))
+    want = ops.convert_to_numpy(ops.dot_product_attention(q, k, v))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    got = ops.convert_to_numpy(fast_attention.attention(q, k, v, scale=0.3))
+    want = ops.convert_to_numpy(ops.dot_product_attention(q, k, v, scale=0.3))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_split_heads_keeps_head_dim_last_and_splits_q_k_v_in_order():
+    qkv = _normal(2, 5, 3 * 4 * 8)
+    got = [ops.convert_to_numpy(t) for t in fast_attention.split_heads(qkv, 4, 8)]
+    for part, want in zip(got, _heads(qkv, 4, 8)):
+        if part.shape == (2, 4, 5, 8):  # heads-first (tensorflow)
+            part = part.transpose(0, 2, 1, 3)
+        np.testing.assert_array_equal(part, want)
+
+
+@pytest.mark.parametrize("query_parts", [1, 2])
+def test_joint_attention_equals_attention_of_the_concatenation(query_parts):
+    image, text = _normal(2, 6, 3 * 3 * 8), _normal(2, 4, 3 * 3 * 8)
+    parts = [fast_attention.split_heads(p, 3, 8) for p in (image, text)]
+    queries = [p[0] for p in parts][:query_parts]
+    got = fast_attention.joint_attention(
+        queries, [p[1] for p in parts], [p[2] for p in parts]
+    )
+    reference = [_heads(p, 3, 8) for p in (image, text)]
+    q, k, v = (np.concatenate([r[i] for r in reference], axis=1) for i in range(3))
+    want = ops.convert_to_numpy(ops.dot_product_attention(q, k, v)).reshape(2, 10, 24)
+    assert [tuple(o.shape) for o in got] == [(2, 6, 24), (2, 4, 24)][:query_parts]
+    np.testing.assert_allclose(ops.convert_to_numpy(got[0]), want[:, :6], atol=1e-5)
+    if query_parts == 2:
+        np.testing.assert_allclose(ops.convert_to_numpy(got[1]), want[:, 6:], atol=1e-5)
+
+
+def test_joint_attention_in_a_compiled_function_with_unknown_token_counts():
+    # tensorflow traces the generate loop with unknown batch and token axes
+    # (`reduce_retracing`); the group sizes then come from dynamic shapes.
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tensorflow's dynamic shapes; jax and torch see static ones")
+    import tensorflow as tf
+
+    def fn(image, text):
+        parts = [fast_attention.split_heads(p, 2, 4) for p in (image, text)]
+        return fast_attention.joint_attention(
+            [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts]
+        )
+
+    spec = [tf.TensorSpec((None, None, 24)), tf.TensorSpec((None, None, 24))]
+    image, text = _normal(1, 5, 24), _normal(1, 3, 24)
+    got = tf.function(fn, input_signature=spec)(image, text)
+    want = fn(image, text)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+
+
+def test_bfloat16_attention_keeps_the_query_dtype():
+    q = ops.cast(_normal(1, 6, 2, 8), "bfloat16")
+    out = fast_attention.attention(q, q, q)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    want = ops.dot_product_attention(*(ops.cast(q, "float32"),) * 3)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ops.cast(out, "float32")),
+        ops.convert_to_numpy(want),
+        atol=3e-2,
+    )
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(fast_attention)
+    assert result.attempted > 0 and result.failed == 0
