@@ -1,11 +1,11 @@
-"""Attention on CPU: `ops.dot_product_attention` vs `utils.fast_ops.attention`.
+"""Attention on CPU: `ops.dot_product_attention` vs `utils.fast_attention.attention`.
 
     KERAS_BACKEND=jax python benchmarks/attention_speed.py [--tokens 1178]
 
 Times, compiled (jax.jit / tf.function; torch eager), the attention of one
 `bench` MMDiT block with guidance (batch 2, 6 heads of 64, 1,024 image plus
 154 text tokens): Keras' `ops.dot_product_attention`, one plain einsum
-attention, and ours (`keras_diffusion.utils.fast_ops.attention`: blocks of
+attention, and ours (`keras_diffusion.utils.fast_attention.attention`: blocks of
 queries on jax, heads-first batched matmuls on tensorflow, torch's fused
 kernel on torch). Prints the best
 of `--repeats` runs, interleaved, and the max abs difference to Keras' op.
@@ -22,7 +22,7 @@ from keras import ops
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "src"))
 
-from keras_diffusion.utils import fast_ops  # noqa: E402
+from keras_diffusion.utils import fast_attention  # noqa: E402
 
 
 def plain_einsum(q, k, v):
@@ -57,7 +57,7 @@ def main():
     variants = {
         "ops.dot_product_attention": compiled(ops.dot_product_attention),
         "plain einsum": compiled(plain_einsum),
-        "ours (utils.fast_ops.attention)": compiled(fast_ops.attention),
+        "ours (fast_attention.attention)": compiled(fast_attention.attention),
     }
     reference = ops.convert_to_numpy(variants["ops.dot_product_attention"](q, k, v))
     best = {}

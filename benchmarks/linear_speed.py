@@ -1,4 +1,4 @@
-"""torch CPU kernels behind `utils/fast_ops.py`, timed on `bench` MMDiT shapes.
+"""torch CPU kernels behind `utils/fast_ops.py` and `utils/fast_attention.py`.
 
     python benchmarks/linear_speed.py [--dtype float32 --dtype bfloat16]
 
@@ -9,7 +9,8 @@ transposed kernel (what a Keras `(in, out)` kernel gives `F.linear`),
 first layer also oneDNN's matmul with a GELU post-op (`fast_ops.linear(...,
 "gelu_tanh")` at inference) against matmul then GELU. Then joint attention
 (2 x 1,178 tokens, 6 heads of 64) on token-major views, as a token-axis
-concatenation gives them, against heads-first memory (`joint_attention`).
+concatenation gives them, against heads-first memory
+(`fast_attention.joint_attention`).
 Median of 30 runs each, in milliseconds.
 """
 
