@@ -74,12 +74,21 @@ def real_clip_vocabulary():
 
 
 def write_clip_tokenizer_files(folder):
+    """Write vocab.json and merges.txt; each file appears whole (written to a
+    temporary name, then renamed), as xdist workers share the folder and one
+    may read while another writes."""
     vocab, merges = real_clip_vocabulary()
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    contents = {
+        "vocab.json": json.dumps(vocab),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+    }
+    for name, text in contents.items():
+        path = os.path.join(folder, name)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
     return folder
 
 
