@@ -78,49 +78,56 @@ def compile_function(fn, variables, jit_compile=False):
 def loading_weights():
     """Build models whose every weight is about to be overwritten.
 
-    Yields `build(factory)`, which calls `factory()` and returns the model.
-    On jax, running the random initializers compiles one XLA program per
-    weight shape (seconds for an SD3 backbone, for values thrown away at
-    once), so there the model is built with Keras' deferred initialization:
-    its variables exist but hold nothing until the caller assigns them,
-    inside the `with` block. On leaving the block, any variable still
-    unassigned gets its initializer after all, so no model is left
-    half-built. Other backends initialize eagerly and cheaply; there
-    `build` calls `factory` and then hands the initializers' freed
-    temporaries back to the system (`release_freed_memory`), as does
-    leaving the block.
+    Yields `build(factory)`, which calls `factory()` and returns the model,
+    built with Keras' deferred initialization: running the random
+    initializers costs seconds for an SD3 backbone (on jax, one compiled XLA
+    program per weight shape), for values thrown away at once.
+
+    - jax: the variables exist but hold nothing until the caller assigns
+      them, inside the `with` block; on leaving it, any variable still
+      unassigned gets its initializer after all, so no model is left
+      half-built.
+    - tensorflow, torch: Keras assigns only to a variable that holds a
+      value, so each one with a random initializer gets zeros instead (a
+      fill, not random numbers); others (constants, seed states) get their
+      own initializer. The loaders check that they assign every variable
+      (Keras' `load_weights` per layer, our converters per model), so none
+      keeps its zeros.
+
+    Leaving the block (and, off jax, each `build`) hands the temporaries'
+    freed memory back to the system (`release_freed_memory`).
 
         with loading_weights() as build:
             backbone = build(lambda: cls(**config))
             backbone.load_weights(path)
     """
-    if backend_name() != "jax":
-
-        def build(factory):
-            model = factory()
-            release_freed_memory()  # the initializers' temporaries
-            return model
-
-        try:
-            yield build
-        finally:
-            release_freed_memory()
-        return
     from keras.src.backend.common import global_state
 
     key = "uninitialized_variables"
     before = list(global_state.get_global_attribute(key) or [])
 
+    def new_variables():
+        pending = global_state.get_global_attribute(key) or []
+        return [v for v in pending if not any(v is b for b in before)]
+
     def build(factory):
         with keras.StatelessScope(initialize_variables=False):
             model = factory()
-        # Under a keras.distribution, give each new variable its layout now,
-        # so the values assigned next are placed (sharded) as it says.
-        if _jax_distribution() is not None:
-            pending = global_state.get_global_attribute(key) or []
-            for variable in pending:
-                if not any(variable is b for b in before):
-                    variable._initialize_layout()
+        if backend_name() != "jax":
+            zeros = keras.initializers.Zeros()
+            for variable in new_variables():
+                random = isinstance(variable._initializer, RANDOM_INITIALIZERS)
+                variable._initialize_with_initializer(
+                    zeros if random else variable._initializer
+                )
+                variable._initializer = None
+            global_state.set_global_attribute(key, before)
+            release_freed_memory()
+        elif _jax_distribution() is not None:
+            # Under a keras.distribution, give each new variable its layout
+            # now, so the values assigned next are placed (sharded) as it says.
+            for variable in new_variables():
+                variable._initialize_layout()
         return model
 
     try:
@@ -129,11 +136,24 @@ def loading_weights():
         # The half-loaded model is discarded: do not pay for initializing it.
         global_state.set_global_attribute(key, before)
         raise
-    pending = global_state.get_global_attribute(key) or []
+    finally:
+        release_freed_memory()
+    pending = new_variables()
     global_state.set_global_attribute(key, before)
     for variable in pending:
-        if variable._value is None and not any(variable is b for b in before):
+        if variable._value is None:
             variable._deferred_initialize()
+
+
+# The initializers `loading_weights` skips off jax (their values would be
+# overwritten at once).
+RANDOM_INITIALIZERS = (
+    keras.initializers.RandomNormal,
+    keras.initializers.RandomUniform,
+    keras.initializers.TruncatedNormal,
+    keras.initializers.VarianceScaling,  # Glorot, He, LeCun
+    keras.initializers.Orthogonal,
+)
 
 
 def assign_array(variable, array):
