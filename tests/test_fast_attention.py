@@ -34,6 +34,25 @@ def test_attention_equals_dot_product_attention_across_query_blocks(monkeypatch)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_causal_attention_equals_dot_product_attention_across_query_blocks(
+    monkeypatch,
+):
+    # The mask must follow each jax query block's offset (4 + 4 + 3).
+    monkeypatch.setattr(fast_attention, "ATTENTION_QUERY_BLOCK", 4)
+    q, k, v = _normal(2, 11, 3, 8), _normal(2, 11, 3, 8), _normal(2, 11, 3, 8)
+    got = ops.convert_to_numpy(fast_attention.attention(q, k, v, causal=True))
+    want = ops.convert_to_numpy(ops.dot_product_attention(q, k, v, is_causal=True))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Query 0 sees only key 0.
+    np.testing.assert_allclose(got[:, 0], v[:, 0], atol=1e-6)
+    qkv = np.concatenate([t.reshape(2, 11, 24) for t in (q, k, v)], axis=-1)
+    q2, k2, v2 = fast_attention.split_heads(qkv, 3, 8)
+    (joint,) = fast_attention.joint_attention([q2], [k2], [v2], causal=True)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(joint), want.reshape(2, 11, 24), atol=1e-5
+    )
+
+
 def test_split_heads_keeps_head_dim_last_and_splits_q_k_v_in_order():
     qkv = _normal(2, 5, 3 * 4 * 8)
     got = [ops.convert_to_numpy(t) for t in fast_attention.split_heads(qkv, 4, 8)]
@@ -80,6 +99,14 @@ def test_joint_attention_in_a_compiled_function_with_unknown_token_counts():
     for a, b in zip(got, want):
         assert a.shape == b.shape
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+
+    def causal(qkv):  # the causal mask from dynamic token counts
+        q, k, v = fast_attention.split_heads(qkv, 2, 4)
+        return fast_attention.joint_attention([q], [k], [v], causal=True)[0]
+
+    qkv = _normal(2, 6, 24)
+    got = tf.function(causal, input_signature=spec[:1])(qkv)
+    np.testing.assert_allclose(got.numpy(), causal(qkv).numpy(), atol=1e-6)
 
 
 def test_bfloat16_attention_keeps_the_query_dtype():

@@ -26,10 +26,11 @@ from keras_diffusion.utils.backend import backend_name
 ATTENTION_QUERY_BLOCK = 512
 
 
-def attention(query, key, value, scale=None):
+def attention(query, key, value, scale=None, causal=False):
     """Softmax attention, `(B, T, heads, head_dim)` in and out.
 
     The result has the query's dtype; `scale` defaults to `head_dim**-0.5`.
+    With `causal`, query `i` attends to keys `0..i` only.
 
     Examples:
 
@@ -43,13 +44,16 @@ def attention(query, key, value, scale=None):
     scale = _scale(query, scale)
     backend = backend_name()
     if backend == "torch":
-        return ops.dot_product_attention(query, key, value, scale=scale)
+        return ops.dot_product_attention(
+            query, key, value, scale=scale, is_causal=causal
+        )
     if backend == "tensorflow":
         import tensorflow as tf
 
         query, key, value = (tf.transpose(t, (0, 2, 1, 3)) for t in (query, key, value))
-        return tf.transpose(_tf_attend(query, key, value, scale), (0, 2, 1, 3))
-    return _jax_attend(query, key, value, scale)
+        out = _tf_attend(query, key, value, scale, causal)
+        return tf.transpose(out, (0, 2, 1, 3))
+    return _jax_attend(query, key, value, scale, causal)
 
 
 def split_heads(qkv, num_heads, head_dim):
@@ -72,20 +76,21 @@ def split_heads(qkv, num_heads, head_dim):
     if backend_name() == "tensorflow":
         import tensorflow as tf
 
-        # Leading-axis slices of a contiguous tensor share its buffer.
-        qkv = tf.transpose(qkv, (2, 0, 3, 1, 4))
-        return qkv[0], qkv[1], qkv[2]
+        # Unstacking a contiguous tensor along its first axis shares its
+        # buffer, and is one graph op (three slices trace as ~12).
+        return tuple(tf.unstack(tf.transpose(qkv, (2, 0, 3, 1, 4)), axis=0))
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
-def joint_attention(queries, keys, values, scale=None):
+def joint_attention(queries, keys, values, scale=None, causal=False):
     """Attention over token groups joined along the token axis.
 
     `queries`, `keys` and `values` are lists of parts (image tokens, text
     tokens) as `split_heads` lays them out. Returns one `(B, T_i, heads *
     head_dim)` output per query part: `attention` of the concatenations,
     split back into the query groups with their heads merged. Each output
-    is one contiguous copy, ready for its projection's matmul.
+    is one contiguous copy, ready for its projection's matmul. `causal` as
+    in `attention`, over the joined tokens.
 
     Examples:
 
@@ -104,18 +109,23 @@ def joint_attention(queries, keys, values, scale=None):
         def join(parts):
             return tf.concat(parts, axis=2) if len(parts) > 1 else parts[0]
 
-        out = _tf_attend(join(queries), join(keys), join(values), scale)
+        out = _tf_attend(join(queries), join(keys), join(values), scale, causal)
         out = tf.transpose(out, (0, 2, 1, 3))
         sizes = [ops.shape(q)[2] for q in queries]
+        if all(isinstance(size, int) for size in sizes):
+            # One split op where the sizes are known (slices trace as more).
+            hidden = out.shape[2] * out.shape[3]
+            merged = tf.reshape(out, (-1, sum(sizes), hidden))
+            return tf.split(merged, sizes, axis=1) if len(sizes) > 1 else [merged]
     elif backend == "torch":
-        out = _torch_joint_attend(queries, keys, values, scale)
+        out = _torch_joint_attend(queries, keys, values, scale, causal)
         sizes = [q.shape[1] for q in queries]
     else:
 
         def join(parts):
             return ops.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
-        out = _jax_attend(join(queries), join(keys), join(values), scale)
+        out = _jax_attend(join(queries), join(keys), join(values), scale, causal)
         sizes = [ops.shape(q)[1] for q in queries]
     batch, hidden = ops.shape(out)[0], out.shape[2] * out.shape[3]
     outputs, start = [], 0
@@ -130,18 +140,32 @@ def _scale(query, scale):
     return float(query.shape[-1]) ** -0.5 if scale is None else float(scale)
 
 
-def _tf_attend(query, key, value, scale):
+def _causal_mask(queries, keys, start=0):
+    """`(queries, keys)` booleans: query `start + i` may see key `j <= start + i`."""
+    rows = ops.expand_dims(ops.arange(queries, dtype="int32") + start, 1)
+    return ops.expand_dims(ops.arange(keys, dtype="int32"), 0) <= rows
+
+
+def _masked(scores, mask):
+    # Masked scores get float32's lowest value: their weight underflows to
+    # 0, and no row is fully masked (key 0 is always visible).
+    return ops.where(mask, scores, ops.cast(-3.4028235e38, "float32"))
+
+
+def _tf_attend(query, key, value, scale, causal=False):
     """Heads-first `(B, heads, T, head_dim)` attention on tensorflow."""
     import tensorflow as tf
 
     dtype = query.dtype
     query = query * tf.cast(scale, dtype)
     scores = tf.cast(tf.matmul(query, key, transpose_b=True), "float32")
+    if causal:
+        scores = _masked(scores, _causal_mask(ops.shape(query)[2], ops.shape(key)[2]))
     weights = tf.cast(tf.nn.softmax(scores, axis=-1), value.dtype)
     return tf.cast(tf.matmul(weights, value), dtype)
 
 
-def _torch_joint_attend(queries, keys, values, scale):
+def _torch_joint_attend(queries, keys, values, scale, causal=False):
     """Token-major parts in, token-major `(B, T, heads, head_dim)` view out.
 
     The parts are joined in heads-first memory, which torch's fused kernel
@@ -156,27 +180,35 @@ def _torch_joint_attend(queries, keys, values, scale):
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
 
     out = torch.nn.functional.scaled_dot_product_attention(
-        heads_first(queries), heads_first(keys), heads_first(values), scale=scale
+        heads_first(queries),
+        heads_first(keys),
+        heads_first(values),
+        scale=scale,
+        is_causal=causal,
     )
     return out.transpose(1, 2)
 
 
-def _jax_attend(query, key, value, scale):
+def _jax_attend(query, key, value, scale, causal=False):
     """Token-major attention in blocks of `ATTENTION_QUERY_BLOCK` queries."""
     dtype = query.dtype
     query = ops.multiply(query, ops.cast(scale, dtype))
     tokens = query.shape[1]
     block = ATTENTION_QUERY_BLOCK
     if not isinstance(tokens, int) or tokens <= block:
-        return _attend_block(query, key, value, dtype)
+        return _attend_block(query, key, value, dtype, causal)
     blocks = [
-        _attend_block(query[:, start : start + block], key, value, dtype)
+        _attend_block(query[:, start : start + block], key, value, dtype, causal, start)
         for start in range(0, tokens, block)
     ]
     return ops.concatenate(blocks, axis=1)
 
 
-def _attend_block(query, key, value, dtype):
+def _attend_block(query, key, value, dtype, causal=False, start=0):
     scores = ops.cast(ops.einsum("bqhd,bkhd->bhqk", query, key), "float32")
+    if causal:
+        scores = _masked(
+            scores, _causal_mask(ops.shape(query)[1], ops.shape(key)[1], start)
+        )
     weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
     return ops.cast(ops.einsum("bhqk,bkhd->bqhd", weights, value), dtype)

@@ -10,6 +10,8 @@ import keras
 from keras import ops
 
 from keras_diffusion.api_export import register
+from keras_diffusion.utils.fast_attention import joint_attention, split_heads
+from keras_diffusion.utils.fast_ops import layer_normalization, linear
 
 
 def quick_gelu(x):
@@ -101,16 +103,13 @@ class CLIPEncoderLayer(keras.layers.Layer):
 
     def call(self, x):
         head_dim = self.embedding_dim // self.num_heads
-        q, k, v = ops.split(self.qkv(self.layer_norm_1(x)), 3, axis=-1)
-        heads_shape = tuple(ops.shape(x)[:-1]) + (self.num_heads, head_dim)
-        q, k, v = (ops.reshape(t, heads_shape) for t in (q, k, v))
-        # Softmax runs in float32 inside `dot_product_attention` on every
-        # backend; the scale is the default 1/sqrt(head_dim).
-        attention = ops.dot_product_attention(q, k, v, is_causal=True)
-        attention = ops.reshape(attention, ops.shape(x))
-        x = x + self.attention_output(attention)
-        h = self.fc2(self._activation(self.fc1(self.layer_norm_2(x))))
-        return x + h
+        qkv = linear(self.qkv, layer_normalization(self.layer_norm_1, x))
+        q, k, v = split_heads(qkv, self.num_heads, head_dim)
+        # Float32 softmax, the default 1/sqrt(head_dim) scale.
+        attention = joint_attention([q], [k], [v], causal=True)[0]
+        x = x + linear(self.attention_output, attention)
+        h = linear(self.fc1, layer_normalization(self.layer_norm_2, x))
+        return x + linear(self.fc2, self._activation(h))
 
     def get_config(self):
         config = super().get_config()
@@ -275,7 +274,8 @@ class CLIPTextEncoder(keras.layers.Layer):
         pooled = ops.take_along_axis(x, first_end[:, None, None], axis=1)[:, 0]
         # The layer norm is per token, so normalising only the pooled token
         # equals indexing the normalised sequence.
-        pooled = self.text_projection(self.final_layer_norm(pooled))
+        pooled = layer_normalization(self.final_layer_norm, pooled)
+        pooled = self.text_projection(pooled)
         return {"hidden_states": hidden_states, "pooled": pooled}
 
     def compute_output_spec(self, token_ids):

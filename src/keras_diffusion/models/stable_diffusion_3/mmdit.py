@@ -18,7 +18,7 @@ from keras_diffusion.models.stable_diffusion_3.mmdit_blocks import (
     layer_norm,
     timestep_embedding,
 )
-from keras_diffusion.utils.fast_ops import linear, modulate
+from keras_diffusion.utils.fast_ops import linear, modulate, silu
 
 
 @register
@@ -233,7 +233,7 @@ class MMDiT(keras.layers.Layer):
             self.timestep_dense_1(timestep_embedding(timestep))
         )
         p_emb = self.pooled_dense_2(self.pooled_dense_1(pooled))
-        conditioning = ops.silu(t_emb + p_emb)
+        conditioning = silu(t_emb + p_emb)
 
         if not context_embedded:
             context = self.embed_context(context)

@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from keras_diffusion.api_export import register
+from keras_diffusion.utils import fast_ops
 from keras_diffusion.utils.fast_attention import joint_attention, split_heads
 from keras_diffusion.utils.fast_ops import cast, gated_residual, linear, modulate
 
@@ -52,9 +53,7 @@ def timestep_embedding(timestep, dim=TIMESTEP_CHANNELS, max_period=10000.0):
 
 def layer_norm(x):
     """Non-affine layer norm over the last axis, eps 1e-6, in float32."""
-    return ops.layer_normalization(
-        cast(x, "float32"), axis=-1, epsilon=LAYER_NORM_EPSILON
-    )
+    return fast_ops.layer_norm(x, LAYER_NORM_EPSILON)
 
 
 @register

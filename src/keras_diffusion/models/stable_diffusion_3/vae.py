@@ -17,7 +17,7 @@ from keras_diffusion.models.stable_diffusion_3.vae_blocks import (
     ResnetBlock,
     Upsample,
 )
-from keras_diffusion.utils.fast_ops import conv2d
+from keras_diffusion.utils.fast_ops import conv2d, silu
 
 LOG_VARIANCE_RANGE = (-30.0, 20.0)
 
@@ -118,7 +118,7 @@ class VAEEncoder(keras.layers.Layer):
             if i < len(self.downsamplers):
                 x = self.downsamplers[i](x)
         x = self.mid_block(x)
-        x = conv2d(self.conv_out, ops.silu(self.norm_out(x)))
+        x = conv2d(self.conv_out, silu(self.norm_out(x)))
         if self.quant_conv is not None:
             x = conv2d(self.quant_conv, x)
         return x
@@ -228,7 +228,7 @@ class VAEDecoder(keras.layers.Layer):
                 x = resnet(x)
             if i < len(self.upsamplers):
                 x = self.upsamplers[i](x)
-        return conv2d(self.conv_out, ops.silu(self.norm_out(x)))
+        return conv2d(self.conv_out, silu(self.norm_out(x)))
 
     def get_config(self):
         config = super().get_config()

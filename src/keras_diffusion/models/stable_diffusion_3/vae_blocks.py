@@ -9,7 +9,7 @@ from keras import ops
 
 from keras_diffusion.api_export import register
 from keras_diffusion.utils.fast_attention import attention
-from keras_diffusion.utils.fast_ops import conv2d, group_norm
+from keras_diffusion.utils.fast_ops import conv2d, group_norm, silu
 
 
 def _conv(filters, kernel_size, name, dtype, strides=1, padding="same"):
@@ -125,8 +125,8 @@ class ResnetBlock(keras.layers.Layer):
             self.conv_shortcut.build(in_shape)
 
     def call(self, x):
-        h = conv2d(self.conv1, ops.silu(self.norm1(x)))
-        h = conv2d(self.conv2, ops.silu(self.norm2(h)))
+        h = conv2d(self.conv1, silu(self.norm1(x)))
+        h = conv2d(self.conv2, silu(self.norm2(h)))
         if self.conv_shortcut is not None:
             x = conv2d(self.conv_shortcut, x)
         return x + ops.cast(h, x.dtype)
