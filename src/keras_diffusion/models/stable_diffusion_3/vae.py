@@ -17,7 +17,8 @@ from keras_diffusion.models.stable_diffusion_3.vae_blocks import (
     ResnetBlock,
     Upsample,
 )
-from keras_diffusion.utils.fast_ops import conv2d, silu
+from keras_diffusion.utils.fast_conv import conv2d
+from keras_diffusion.utils.fast_ops import silu
 
 LOG_VARIANCE_RANGE = (-30.0, 20.0)
 

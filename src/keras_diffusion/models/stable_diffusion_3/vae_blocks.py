@@ -9,7 +9,8 @@ from keras import ops
 
 from keras_diffusion.api_export import register
 from keras_diffusion.utils.fast_attention import attention
-from keras_diffusion.utils.fast_ops import conv2d, group_norm, silu
+from keras_diffusion.utils.fast_conv import conv2d, group_norm
+from keras_diffusion.utils.fast_ops import silu
 
 
 def _conv(filters, kernel_size, name, dtype, strides=1, padding="same"):
