@@ -9,8 +9,10 @@ Each (system, backend) then runs in its own fresh process; processes
 alternate between systems, `--rounds` times, so that drifts of the machine
 hit every system alike. In each process, with guidance on (5.0), strength
 1.0 (every step runs) and batch 1:
-- *first image*: from `from_preset` / `from_pretrained` to the first image
-  (6 steps), build and compile included; the load alone is shown too;
+- *first image*: from importing the library (and with it Keras and the
+  backend) through `from_preset` / `from_pretrained` to the first image (6
+  steps), build and compile included; the load (import and build) alone is
+  shown too, and, after the table, ours / keras-hub's round by round;
 - *new num_steps*: the next call, with 2 steps (never run before);
 - *s/step*: `(T(6 steps) - T(2 steps)) / 4` on warm calls, `--repeats`
   pairs per process; median, min and max over all pairs of all rounds;
@@ -206,6 +208,29 @@ def _merge(results):
     }
 
 
+def _first_image_rounds(samples):
+    """Ours against keras-hub to the first image, round by round: the two
+    processes of a round run back to back, so their ratio is less exposed to
+    the machine's drift than the ratio of medians."""
+    lines = []
+    for (system, backend), ours in samples.items():
+        theirs = samples.get(("keras_hub", backend))
+        if system != "ours" or not theirs:
+            continue
+        ratios = [
+            a["first_image_s"] / b["first_image_s"]
+            for a, b in zip(ours, theirs)
+            if a and b
+        ]
+        if ratios:
+            listed = ", ".join(f"{r:.2f}" for r in ratios)
+            lines.append(
+                f"first image, ours / keras_hub on {backend}, per round: {listed} "
+                f"(median {statistics.median(ratios):.2f})"
+            )
+    return lines
+
+
 def _table(config, tokens, dtype, rows):
     lines = [
         f"### {config}, {tokens} context tokens, {dtype}",
@@ -290,6 +315,8 @@ def main():
         rows = {key: _merge(values) for key, values in samples.items()}
         print(_table(args.config, tokens, args.dtype, rows), flush=True)
         print(flush=True)
+        for line in _first_image_rounds(samples):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
