@@ -67,17 +67,9 @@ def conv2d(layer, inputs):
         return (
             out if layer.bias is None else tf.nn.bias_add(out, cast(layer.bias, dtype))
         )
-    if (
-        backend_name() != "torch"
-        or layer.data_format != "channels_last"
-        or layer.groups != 1
-        or tuple(layer.dilation_rate) != (1, 1)
-        or layer.activation is not keras.activations.linear
-        or getattr(layer, "lora_enabled", False)
-        or layer.quantization_mode is not None
-        or layer.padding not in ("same", "valid")
-        or (same and (strides != (1, 1) or not all(k % 2 for k in kernel_size)))
-    ):
+    # torch's "same" padding is symmetric: stride 1 and odd kernels only.
+    odd_same = strides == (1, 1) and all(k % 2 for k in kernel_size)
+    if backend_name() != "torch" or not plain or (same and not odd_same):
         return layer(inputs)
     import torch
 
