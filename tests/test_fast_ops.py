@@ -167,6 +167,53 @@ def test_cast_converts_and_skips_no_op_casts():
     )
 
 
+def test_cast_to_a_non_float_dtype_takes_keras_cast():
+    x = ops.convert_to_tensor(np.array([1.7, -2.2], "float32"))
+    got = fast_ops.cast(x, "int32")
+    assert keras.backend.standardize_dtype(got.dtype) == "int32"
+    assert ops.convert_to_numpy(got).tolist() == [1, -2]
+
+
+def test_affine_and_chunks_follow_their_formulas():
+    x, kernel, bias = _normal(2, 3, 4), _normal(4, 6), _normal(6)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(fast_ops.affine(x, kernel, bias)),
+        x @ kernel + bias,
+        atol=1e-5,
+    )
+    parts = fast_ops.chunks(ops.convert_to_tensor(x @ kernel), 3)
+    want = np.split(x @ kernel, 3, axis=-1)
+    assert len(parts) == 3
+    for got, expected in zip(parts, want):
+        np.testing.assert_allclose(ops.convert_to_numpy(got), expected, atol=1e-5)
+
+
+class _CountingDense(keras.layers.Dense):
+    """A Dense layer that counts how often Keras' `__call__` runs."""
+
+    calls = 0
+
+    def __call__(self, *args, **kwargs):
+        type(self).calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def test_call_layer_matches_the_layer_and_skips_keras_call_only_on_torch():
+    layer = _CountingDense(3)
+    x = ops.convert_to_tensor(_normal(2, 4))
+    want = ops.convert_to_numpy(layer(x))  # builds it
+    _CountingDense.calls = 0
+    got = ops.convert_to_numpy(fast_ops.call_layer(layer, x))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert _CountingDense.calls == (0 if keras.backend.backend() == "torch" else 1)
+    # Unbuilt layers and symbolic inputs (functional models) take __call__.
+    fresh = _CountingDense(5)
+    assert tuple(fast_ops.call_layer(fresh, x).shape) == (2, 5) and fresh.built
+    symbolic = fast_ops.call_layer(layer, keras.Input((4,)))
+    assert isinstance(symbolic, keras.KerasTensor)
+    assert _CountingDense.calls == (2 if keras.backend.backend() == "torch" else 3)
+
+
 def test_docstring_examples_run():
     import doctest
 

@@ -71,6 +71,9 @@ def split_heads(qkv, num_heads, head_dim):
     >>> sorted(tuple(q.shape)) == [2, 4, 5, 8]
     True
     """
+    if backend_name() == "torch":
+        qkv = ops.convert_to_tensor(qkv).unflatten(-1, (3, num_heads, head_dim))
+        return qkv.unbind(2)
     shape = ops.shape(qkv)
     qkv = ops.reshape(qkv, (shape[0], shape[1], 3, num_heads, head_dim))
     if backend_name() == "tensorflow":
@@ -119,7 +122,9 @@ def joint_attention(queries, keys, values, scale=None, causal=False):
             return tf.split(merged, sizes, axis=1) if len(sizes) > 1 else [merged]
     elif backend == "torch":
         out = _torch_joint_attend(queries, keys, values, scale, causal)
-        sizes = [q.shape[1] for q in queries]
+        # Each part's reshape of the (B, T, heads, head_dim) view copies it.
+        parts = out.split([q.shape[1] for q in queries], dim=1)
+        return [part.flatten(2) for part in parts]
     else:
 
         def join(parts):

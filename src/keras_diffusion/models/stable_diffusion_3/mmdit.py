@@ -18,7 +18,7 @@ from keras_diffusion.models.stable_diffusion_3.mmdit_blocks import (
     layer_norm,
     timestep_embedding,
 )
-from keras_diffusion.utils.fast_ops import linear, modulate, silu
+from keras_diffusion.utils.fast_ops import call_layer, chunks, linear, modulate, silu
 
 
 @register
@@ -239,11 +239,11 @@ class MMDiT(keras.layers.Layer):
             context = self.embed_context(context)
         for block in self.blocks:
             if block.context_pre_only:
-                x = block(x, context, conditioning)
+                x = call_layer(block, x, context, conditioning)
             else:
-                x, context = block(x, context, conditioning)
+                x, context = call_layer(block, x, context, conditioning)
 
-        scale, shift = ops.split(self.output_modulation(conditioning), 2, axis=-1)
+        scale, shift = chunks(call_layer(self.output_modulation, conditioning), 2)
         x = linear(self.output_projection, modulate(layer_norm(x), shift, scale))
         c = self.latent_channels
         x = ops.reshape(x, (batch, grid_h, grid_w, p, p, c))

@@ -16,7 +16,14 @@ from keras import ops
 from keras_diffusion.api_export import register
 from keras_diffusion.utils import fast_ops
 from keras_diffusion.utils.fast_attention import joint_attention, split_heads
-from keras_diffusion.utils.fast_ops import cast, gated_residual, linear, modulate
+from keras_diffusion.utils.fast_ops import (
+    call_layer,
+    cast,
+    chunks,
+    gated_residual,
+    linear,
+    modulate,
+)
 
 LAYER_NORM_EPSILON = 1e-6
 QK_NORM_EPSILON = 1e-6
@@ -95,9 +102,9 @@ class Modulation(keras.layers.Layer):
         )
 
     def call(self, conditioning):
-        kernel = cast(self.kernel, "float32")
-        out = ops.matmul(cast(conditioning, "float32"), kernel)
-        return out + cast(self.bias, "float32")
+        f32 = "float32"
+        kernel, bias = cast(self.kernel, f32), cast(self.bias, f32)
+        return fast_ops.affine(cast(conditioning, f32), kernel, bias)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
@@ -292,8 +299,8 @@ class MMDiTBlock(keras.layers.Layer):
         per-head RMS norms (on the last axis, `head_dim`) where set."""
         q, k, v = split_heads(qkv, self.num_heads, self.head_dim)
         if query_norm is not None:
-            q = ops.cast(query_norm(q), self.compute_dtype)
-            k = ops.cast(key_norm(k), self.compute_dtype)
+            q = cast(call_layer(query_norm, q), self.compute_dtype)
+            k = cast(call_layer(key_norm, k), self.compute_dtype)
         return q, k, v
 
     def call(self, x, context, conditioning):
@@ -301,10 +308,10 @@ class MMDiTBlock(keras.layers.Layer):
         x = cast(x, f32)
         context = cast(context, f32)
         conditioning = cast(conditioning, f32)
-        mod = ops.split(self.x_modulation(conditioning), self._x_chunks, axis=-1)
+        mod = chunks(call_layer(self.x_modulation, conditioning), self._x_chunks)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-        cmod = ops.split(
-            self.context_modulation(conditioning), self._context_chunks, axis=-1
+        cmod = chunks(
+            call_layer(self.context_modulation, conditioning), self._context_chunks
         )
 
         x_norm = layer_norm(x)
@@ -341,7 +348,7 @@ class MMDiTBlock(keras.layers.Layer):
             )
             x = gated_residual(x, gate_msa2, x_attention2)
 
-        x_mlp = self.x_mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        x_mlp = call_layer(self.x_mlp, modulate(layer_norm(x), shift_mlp, scale_mlp))
         x = gated_residual(x, gate_mlp, x_mlp)
         if self.context_pre_only:
             return x
@@ -349,8 +356,8 @@ class MMDiTBlock(keras.layers.Layer):
         c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod[2:]
         c_attention = linear(self.context_attention_output, attention[1])
         context = gated_residual(context, c_gate_msa, c_attention)
-        c_mlp = self.context_mlp(
-            modulate(layer_norm(context), c_shift_mlp, c_scale_mlp)
+        c_mlp = call_layer(
+            self.context_mlp, modulate(layer_norm(context), c_shift_mlp, c_scale_mlp)
         )
         context = gated_residual(context, c_gate_mlp, c_mlp)
         return x, context
