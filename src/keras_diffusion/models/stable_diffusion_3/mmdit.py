@@ -15,10 +15,10 @@ from keras_diffusion.models.stable_diffusion_3.mmdit_blocks import (
     TIMESTEP_CHANNELS,
     MMDiTBlock,
     Modulation,
-    layer_norm,
+    norm_modulate,
     timestep_embedding,
 )
-from keras_diffusion.utils.fast_ops import call_layer, chunks, linear, modulate, silu
+from keras_diffusion.utils.fast_ops import call_layer, chunks, linear, silu
 
 
 @register
@@ -244,7 +244,8 @@ class MMDiT(keras.layers.Layer):
                 x, context = call_layer(block, x, context, conditioning)
 
         scale, shift = chunks(call_layer(self.output_modulation, conditioning), 2)
-        x = linear(self.output_projection, modulate(layer_norm(x), shift, scale))
+        x = norm_modulate(x, shift, scale, self.compute_dtype)
+        x = linear(self.output_projection, x)
         c = self.latent_channels
         x = ops.reshape(x, (batch, grid_h, grid_w, p, p, c))
         x = ops.transpose(x, (0, 1, 3, 2, 4, 5))

@@ -22,7 +22,6 @@ from keras_diffusion.utils.fast_ops import (
     chunks,
     gated_residual,
     linear,
-    modulate,
 )
 
 LAYER_NORM_EPSILON = 1e-6
@@ -58,9 +57,10 @@ def timestep_embedding(timestep, dim=TIMESTEP_CHANNELS, max_period=10000.0):
     return ops.concatenate([ops.cos(angles), ops.sin(angles)], axis=-1)
 
 
-def layer_norm(x):
-    """Non-affine layer norm over the last axis, eps 1e-6, in float32."""
-    return fast_ops.layer_norm(x, LAYER_NORM_EPSILON)
+def norm_modulate(x, shift, scale, dtype="float32"):
+    """AdaLN of a non-affine layer norm (last axis, eps 1e-6): float32
+    arithmetic, returned in `dtype`."""
+    return fast_ops.norm_modulate(x, shift, scale, LAYER_NORM_EPSILON, dtype)
 
 
 @register
@@ -314,13 +314,13 @@ class MMDiTBlock(keras.layers.Layer):
             call_layer(self.context_modulation, conditioning), self._context_chunks
         )
 
-        x_norm = layer_norm(x)
-        x_in = modulate(x_norm, shift_msa, scale_msa)
+        dtype = self.compute_dtype
+        x_in = norm_modulate(x, shift_msa, scale_msa, dtype)
         if self.context_pre_only:
             c_scale, c_shift = cmod  # continuous AdaLN: scale before shift
-            c_in = modulate(layer_norm(context), c_shift, c_scale)
+            c_in = norm_modulate(context, c_shift, c_scale, dtype)
         else:
-            c_in = modulate(layer_norm(context), cmod[0], cmod[1])
+            c_in = norm_modulate(context, cmod[0], cmod[1], dtype)
 
         qx, kx, vx = self._heads(
             linear(self.x_qkv, x_in), self.x_query_norm, self.x_key_norm
@@ -335,11 +335,13 @@ class MMDiTBlock(keras.layers.Layer):
         queries = [qx] if self.context_pre_only else [qx, qc]
         attention = joint_attention(queries, [kx, kc], [vx, vc])
         x_attention = linear(self.x_attention_output, attention[0])
+        x_input = x
         x = gated_residual(x, gate_msa, x_attention)
 
         if self.dual_attention:
             shift_msa2, scale_msa2, gate_msa2 = mod[6:]
-            x_in2 = modulate(x_norm, shift_msa2, scale_msa2)
+            # MMDiT-X: the second attention also reads the block's input.
+            x_in2 = norm_modulate(x_input, shift_msa2, scale_msa2, dtype)
             q2, k2, v2 = self._heads(
                 linear(self.x_qkv_2, x_in2), self.x_query_norm_2, self.x_key_norm_2
             )
@@ -348,7 +350,7 @@ class MMDiTBlock(keras.layers.Layer):
             )
             x = gated_residual(x, gate_msa2, x_attention2)
 
-        x_mlp = call_layer(self.x_mlp, modulate(layer_norm(x), shift_mlp, scale_mlp))
+        x_mlp = call_layer(self.x_mlp, norm_modulate(x, shift_mlp, scale_mlp, dtype))
         x = gated_residual(x, gate_mlp, x_mlp)
         if self.context_pre_only:
             return x
@@ -357,7 +359,7 @@ class MMDiTBlock(keras.layers.Layer):
         c_attention = linear(self.context_attention_output, attention[1])
         context = gated_residual(context, c_gate_msa, c_attention)
         c_mlp = call_layer(
-            self.context_mlp, modulate(layer_norm(context), c_shift_mlp, c_scale_mlp)
+            self.context_mlp, norm_modulate(context, c_shift_mlp, c_scale_mlp, dtype)
         )
         context = gated_residual(context, c_gate_mlp, c_mlp)
         return x, context
