@@ -13,7 +13,10 @@ drift hits both alike. Anchors: diffusers' `SD3Transformer2DModel` (torch
 backend only) and keras-hub 0.32's MMDiT (any backend; `--site` is a folder
 holding keras_hub, compiled the same way as ours). Prints the medians,
 minima and the median of the per-run ratios. No VAE, scheduler or loop: the
-step's own cost.
+step's own cost. `--overhead` runs the same weights on 16 image tokens and 4
+text tokens instead of 1,024 and 154: what is left is the step's fixed cost
+(per-op dispatch, and the modulation matmuls, which read all their weights
+for a batch of 2).
 """
 
 import argparse
@@ -132,6 +135,7 @@ def main():
     parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--folder", default="/tmp/kd-speed-bench")
     parser.add_argument("--site", default="/tmp/kh/site", help="folder with keras_hub")
+    parser.add_argument("--overhead", action="store_true", help="tiny inputs")
     args = parser.parse_args()
 
     import keras
@@ -146,8 +150,9 @@ def main():
         sys.path.insert(1, args.site)
 
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal((1, 64, 64, 16)).astype("float32")
-    context = rng.standard_normal((2, 154, 4096)).astype("float32")
+    side, tokens = (8, 4) if args.overhead else (64, 154)
+    latents = rng.standard_normal((1, side, side, 16)).astype("float32")
+    context = rng.standard_normal((2, tokens, 4096)).astype("float32")
     pooled = rng.standard_normal((2, 80)).astype("float32")
     inputs = (args.folder, args.dtype, latents, context, pooled)
     anchor = diffusers_step if args.against == "diffusers" else keras_hub_step
@@ -166,7 +171,8 @@ def main():
             times[name].append(time.perf_counter() - start)
     ratios = [a / b for a, b in zip(*times.values())]
     print(
-        f"bench MMDiT step, {backend}, {args.dtype}, {args.runs} interleaved runs: "
+        f"bench MMDiT step{' (overhead: tiny inputs)' if args.overhead else ''}, "
+        f"{backend}, {args.dtype}, {args.runs} interleaved runs: "
         + " | ".join(
             f"{name} median {statistics.median(t):.4f} s, min {min(t):.4f} s"
             for name, t in times.items()
