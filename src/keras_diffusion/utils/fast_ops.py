@@ -8,8 +8,12 @@ rounding (tests/test_fast_ops.py). Attention has its own module,
 - `linear`: a Dense layer (and GELU) with its bias folded into the matmul
   on torch, and the GELU into oneDNN's matmul at inference; on tensorflow,
   the 2D matmul, bias add and GELU that grappler fuses into one oneDNN op;
-- `modulate`, `gated_residual`: AdaLN's element-wise maths as one fused
-  pass each on torch, and `cast`, which skips no-op casts;
+- `modulate`, `gated_residual`, `norm_modulate`: AdaLN's element-wise maths
+  as one fused pass each on torch (`norm_modulate` folds the layer norm in),
+  and `cast`, which skips no-op casts;
+- `call_layer`, `chunks`, `affine`: on torch, a built layer's `call` without
+  Keras' `__call__`, `torch.chunk` and one `addmm` (Keras' dispatch costs
+  tens of microseconds per op on torch, ~100 per layer call);
 - `layer_norm`, `layer_normalization`, `silu`: on tensorflow written out in
   fewer graph ops than Keras traces (a first call's tracing costs about a
   millisecond per op on this CPU);

@@ -299,8 +299,10 @@ class MMDiTBlock(keras.layers.Layer):
         per-head RMS norms (on the last axis, `head_dim`) where set."""
         q, k, v = split_heads(qkv, self.num_heads, self.head_dim)
         if query_norm is not None:
-            q = cast(call_layer(query_norm, q), self.compute_dtype)
-            k = cast(call_layer(key_norm, k), self.compute_dtype)
+            # The norms are float32 layers; `call_layer` does not cast inputs.
+            f32, dtype = "float32", self.compute_dtype
+            q = cast(call_layer(query_norm, cast(q, f32)), dtype)
+            k = cast(call_layer(key_norm, cast(k, f32)), dtype)
         return q, k, v
 
     def call(self, x, context, conditioning):
