@@ -69,11 +69,11 @@ def call_layer(layer, *args):
     tensor arguments.
 
     Keras' `Layer.__call__` costs ~100 us on torch (argument binding, scopes,
-    masks, torch's module hooks), against ~30 for a small layer's `call`; a
-    denoising step makes ~40 such calls. The layers this is used for need
-    nothing from `__call__` once built: they cast their own inputs and take
-    no `training` or mask. Symbolic inputs and unbuilt layers take the full
-    path.
+    masks, torch's module hooks), against ~30 for a small layer's `call`
+    (timed ad hoc); a denoising step makes ~40 such calls. The layers this
+    is used for need nothing from `__call__` once built: they cast their own
+    inputs and take no `training` or mask. Symbolic inputs and unbuilt
+    layers take the full path.
 
     Examples:
 
