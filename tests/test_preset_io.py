@@ -41,6 +41,47 @@ def test_task_round_trip_keeps_weights_and_files(tmp_path):
     assert loaded.preprocessor.tokenizer.words == task.preprocessor.tokenizer.words
 
 
+def test_saving_walk_builds_each_skipset_once(tmp_path, monkeypatch):
+    # Keras builds a kind's skipped-attribute set from a bare reference
+    # `Layer()`; with its cache missing, it builds one per layer it visits.
+    from keras.src.backend.common import global_state
+    from keras.src.layers.layer import Layer
+
+    built = []
+    layer_init = Layer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        if type(self) is Layer:
+            built.append(self)
+        layer_init(self, *args, **kwargs)
+
+    def references_built(save_and_load):
+        for kind in ("Layer", "Functional", "Sequential", "Operation"):
+            for prefix in ("saving_attr_skiplist_", "saving_attr_skipset_"):
+                global_state.set_global_attribute(prefix + kind, None)
+        built.clear()
+        save_and_load()
+        return len(built)
+
+    task = toy_models.make_toy_task()
+    monkeypatch.setattr(Layer, "__init__", counting_init)
+
+    def save_and_load(folder):
+        task.save_to_preset(tmp_path / folder)
+        loaded = kd.models.ImageToImage.from_preset(str(tmp_path / folder))
+        for a, b in zip(_weights(task.backbone), _weights(loaded.backbone)):
+            np.testing.assert_array_equal(a, b)
+
+    cached = references_built(lambda: save_and_load("cached"))
+    with monkeypatch.context() as m:
+        m.setattr(preset_io, "cache_saving_skipsets", lambda: None)
+        uncached = references_built(lambda: save_and_load("uncached"))
+    # One reference per kind that builds a Layer (Layer, Functional,
+    # Sequential), for saving and loading together.
+    assert cached <= 3, cached
+    assert uncached > cached, (uncached, cached)
+
+
 def test_load_weights_false_gives_fresh_weights(tmp_path):
     task = toy_models.make_toy_task()
     task.save_to_preset(tmp_path / "p")
