@@ -72,6 +72,11 @@ def test_saving_walk_builds_each_skipset_once(tmp_path, monkeypatch):
         for a, b in zip(_weights(task.backbone), _weights(loaded.backbone)):
             np.testing.assert_array_equal(a, b)
 
+    def weights_round_trip():
+        path = str(tmp_path / "direct.weights.h5")
+        task.backbone.save_weights(path)
+        task.backbone.load_weights(path)
+
     cached = references_built(lambda: save_and_load("cached"))
     with monkeypatch.context() as m:
         m.setattr(preset_io, "cache_saving_skipsets", lambda: None)
@@ -80,6 +85,8 @@ def test_saving_walk_builds_each_skipset_once(tmp_path, monkeypatch):
     # Sequential), for saving and loading together.
     assert cached <= 3, cached
     assert uncached > cached, (uncached, cached)
+    # A backbone's own save_weights / load_weights take the cache too.
+    assert references_built(weights_round_trip) <= 3
 
 
 def test_load_weights_false_gives_fresh_weights(tmp_path):

@@ -4,7 +4,7 @@ import keras
 
 from keras_diffusion.api_export import register
 from keras_diffusion.models import lora
-from keras_diffusion.presets import catalogue
+from keras_diffusion.presets import catalogue, preset_io
 from keras_diffusion.presets.loader import open_preset
 from keras_diffusion.presets.preset_io import save_preset
 from keras_diffusion.utils.python_utils import classproperty
@@ -31,6 +31,14 @@ class Backbone(keras.Model):
     """
 
     default_lora_targets = ()
+
+    def save_weights(self, filepath, *args, **kwargs):
+        preset_io.cache_saving_skipsets()  # Keras' walk misses its own cache
+        return super().save_weights(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        preset_io.cache_saving_skipsets()
+        return super().load_weights(filepath, *args, **kwargs)
 
     def get_config(self):
         config = {

@@ -62,6 +62,7 @@ def cache_saving_skipsets():
     backbone's ~240 layers: 0.2-0.4 s of loading the bench backbone (ad hoc
     timing). Storing each set under the key the lookup uses makes the cache
     hit; the sets are Keras' own, so the walk visits the same attributes.
+    `Backbone.save_weights` and `load_weights` (presets included) call it.
     """
     from keras.src.backend.common import global_state
     from keras.src.saving import saving_lib
@@ -128,7 +129,6 @@ def _write_preset_files(folder, backbone, preprocessor, task):
         )
         metadata["parameter_count"] = _parameter_count(backbone)
         metadata["backbone"] = serialization.serialize(backbone)["registered_name"]
-        cache_saving_skipsets()
         if _weights_bytes(backbone) > SHARD_THRESHOLD_BYTES:
             backbone.save_weights(
                 os.path.join(folder, SHARDED_WEIGHTS_FILE), max_shard_size=SHARD_SIZE_GB
@@ -221,7 +221,6 @@ class PresetFolder:
     def load_weights(self, backbone):
         name = SHARDED_WEIGHTS_FILE if self.has(SHARDED_WEIGHTS_FILE) else WEIGHTS_FILE
         path = self.file(name)
-        cache_saving_skipsets()
         try:
             backbone.load_weights(path)
         except (OSError, ValueError, KeyError) as e:
