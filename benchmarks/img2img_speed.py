@@ -2,7 +2,7 @@
 
     python benchmarks/img2img_speed.py --config bench [--tokens 154 --tokens 333]
         [--backend jax --backend tensorflow --backend torch] [--dtype bfloat16]
-        [--rounds 2] [--repeats 2] [--site /tmp/kh/site] [--markdown]
+        [--rounds 2] [--repeats 2] [--site /tmp/kh/site]
 
 `speed_models.py` builds the model once three ways with identical weights.
 Each (system, backend) then runs in its own fresh process; processes

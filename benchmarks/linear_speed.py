@@ -1,13 +1,16 @@
 """torch CPU kernels behind `utils/fast_ops.py` and `utils/fast_attention.py`.
 
     python benchmarks/linear_speed.py [--dtype float32 --dtype bfloat16]
+        [--hidden 384 --hidden 1536]
 
-One block's matmuls for the `bench` config (hidden 384, CFG batch 2: 2,048
-image tokens, 308 text tokens), each three ways: `F.linear` on the
+One block's matmuls for the `bench` config (hidden 384; `--hidden 1536` is
+the `wide` config, SD3-medium's width; CFG batch 2: 2,048 image tokens, 308
+text tokens), each three ways: `F.linear` on the
 transposed kernel (what a Keras `(in, out)` kernel gives `F.linear`),
 `addmm` on the kernel as stored (`fast_ops.linear`), and for the MLP's
 first layer also oneDNN's matmul with a GELU post-op (`fast_ops.linear(...,
-"gelu_tanh")` at inference) against matmul then GELU. Then joint attention
+"gelu_tanh")` at bfloat16 inference) against matmul then GELU, and then
+GELU in place (float32 inference). Then joint attention
 (2 x 1,178 tokens, 6 heads of 64) on token-major views, as a token-axis
 concatenation gives them, against heads-first memory
 (`fast_attention.joint_attention`).
@@ -21,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-HIDDEN, IMAGE_TOKENS, TEXT_TOKENS, HEADS = 384, 2048, 308, 6
+IMAGE_TOKENS, TEXT_TOKENS, HEAD_DIM = 2048, 308, 64
 
 
 def median_ms(fn, runs=30):
@@ -35,8 +38,7 @@ def median_ms(fn, runs=30):
     return 1e3 * statistics.median(times)
 
 
-def matmuls(dtype):
-    d = HIDDEN
+def matmuls(dtype, d):
     rows = []
     for name, m, k, n in [
         ("image q/k/v", IMAGE_TOKENS, d, 3 * d),
@@ -64,11 +66,15 @@ def matmuls(dtype):
             )
         )
     split = median_ms(lambda: F.gelu(torch.addmm(bias, x, kernel), approximate="tanh"))
-    return rows, (split, fused)
+    in_place = median_ms(
+        lambda: torch.ops.aten.gelu_(torch.addmm(bias, x, kernel), approximate="tanh")
+    )
+    return rows, (split, fused, in_place)
 
 
-def attention(dtype):
-    b, t, h, dh = 2, IMAGE_TOKENS // 2 + TEXT_TOKENS // 2, HEADS, HIDDEN // HEADS
+def attention(dtype, hidden):
+    b, t, dh = 2, IMAGE_TOKENS // 2 + TEXT_TOKENS // 2, HEAD_DIM
+    h = hidden // dh
     image = torch.randn(b, IMAGE_TOKENS // 2, 3, h, dh, dtype=dtype)
     text = torch.randn(b, TEXT_TOKENS // 2, 3, h, dh, dtype=dtype)
 
@@ -93,24 +99,32 @@ def attention(dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", action="append", choices=("float32", "bfloat16"))
+    parser.add_argument("--hidden", type=int, action="append")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| dtype | op | F.linear(x, kernel.T) ms | addmm(bias, x, kernel) ms |")
-    print("|---|---|---|---|")
-    results = {}
-    for name in args.dtype or ["float32", "bfloat16"]:
-        dtype = getattr(torch, name)
-        rows, gelu = matmuls(dtype)
-        results[name] = (gelu, attention(dtype))
-        for op, plain, add in rows:
-            print(f"| {name} | {op} | {plain:.2f} | {add:.2f} |")
     print(
-        "\n| dtype | MLP in: addmm, then GELU ms | oneDNN matmul+GELU ms "
-        "| joint attention, token-major ms | heads-first ms |"
+        "| hidden | dtype | op | F.linear(x, kernel.T) ms | addmm(bias, x, kernel) ms |"
     )
     print("|---|---|---|---|---|")
-    for name, ((split, fused), (token, heads)) in results.items():
-        print(f"| {name} | {split:.2f} | {fused:.2f} | {token:.2f} | {heads:.2f} |")
+    results = {}
+    for hidden in args.hidden or [384]:
+        for name in args.dtype or ["float32", "bfloat16"]:
+            dtype = getattr(torch, name)
+            rows, gelu = matmuls(dtype, hidden)
+            results[hidden, name] = (gelu, attention(dtype, hidden))
+            for op, plain, add in rows:
+                print(f"| {hidden} | {name} | {op} | {plain:.2f} | {add:.2f} |")
+    print(
+        "\n| hidden | dtype | MLP in: addmm, then GELU ms | oneDNN matmul+GELU ms "
+        "| addmm, then GELU in place ms "
+        "| joint attention, token-major ms | heads-first ms |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for (hidden, name), ((split, fused, inplace), (token, heads)) in results.items():
+        print(
+            f"| {hidden} | {name} | {split:.2f} | {fused:.2f} | {inplace:.2f} "
+            f"| {token:.2f} | {heads:.2f} |"
+        )
 
 
 if __name__ == "__main__":

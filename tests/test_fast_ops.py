@@ -28,23 +28,40 @@ def test_linear_equals_the_dense_layer():
     )
 
 
-@pytest.mark.parametrize("inference", [False, True])
-def test_linear_with_gelu_equals_dense_then_gelu(inference):
+@pytest.mark.parametrize(
+    "inference, dtype, onednn_float32_max",
+    [
+        (False, "float32", 2**20),
+        (True, "float32", 2**20),
+        (True, "float32", 0),
+        (True, "bfloat16", 0),
+    ],
+)
+def test_linear_with_gelu_equals_dense_then_gelu(
+    inference, dtype, onednn_float32_max, monkeypatch
+):
     # On torch, inference (no gradient recorded) takes oneDNN's fused
-    # matmul + GELU; training takes addmm then GELU. Both must match.
-    layer = keras.layers.Dense(7)
+    # matmul + GELU in bfloat16 and for small float32 kernels, and addmm then
+    # GELU in place for larger float32 kernels (a threshold of 0 makes this
+    # one large); training takes addmm then GELU. All must match Dense.
+    monkeypatch.setattr(fast_ops, "ONEDNN_FLOAT32_MAX_KERNEL", onednn_float32_max)
+    layer = keras.layers.Dense(7, dtype=dtype)
     x = _normal(2, 5, 4)
     layer.build(x.shape)
     layer.bias.assign(_normal(7))
-    want = ops.convert_to_numpy(ops.gelu(layer(x), approximate=True))
+    want = ops.convert_to_numpy(
+        ops.cast(ops.gelu(layer(x), approximate=True), "float32")
+    )
     context = contextlib.nullcontext()
     if inference and keras.backend.backend() == "torch":
         import torch
 
         context = torch.no_grad()
     with context:
-        got = ops.convert_to_numpy(fast_ops.linear(layer, x, "gelu_tanh"))
-    np.testing.assert_allclose(got, want, atol=1e-5)
+        got = fast_ops.linear(layer, x, "gelu_tanh")
+    assert keras.backend.standardize_dtype(got.dtype) == dtype
+    got = ops.convert_to_numpy(ops.cast(got, "float32"))
+    np.testing.assert_allclose(got, want, atol=1e-5 if dtype == "float32" else 3e-2)
 
 
 def test_linear_in_a_tensorflow_graph_with_unknown_shapes_and_gradients():

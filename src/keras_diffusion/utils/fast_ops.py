@@ -6,8 +6,9 @@ rounding (tests/test_fast_ops.py). Attention has its own module,
 `utils.fast_attention`.
 
 - `linear`: a Dense layer (and GELU) with its bias folded into the matmul
-  on torch, and the GELU into oneDNN's matmul at inference; on tensorflow,
-  the 2D matmul, bias add and GELU that grappler fuses into one oneDNN op;
+  on torch, and the GELU into oneDNN's matmul at inference (in float32 for
+  small kernels only); on tensorflow, the 2D matmul, bias add and GELU that
+  grappler fuses into one oneDNN op;
 - `modulate`, `gated_residual`, `norm_modulate`: AdaLN's element-wise maths
   as one fused pass each on torch (`norm_modulate` folds the layer norm in),
   and `cast`, which skips no-op casts;
@@ -27,6 +28,12 @@ import keras
 from keras import ops
 
 from keras_diffusion.utils.backend import backend_name
+
+# The largest float32 kernel (entries) that `linear` hands to oneDNN's fused
+# matmul + GELU on torch: 512 x 2048. Measured on an AVX-512 CPU, fused won
+# at 384 x 1536 and lost from 768 x 3072 up (it re-lays out the kernel on
+# every call).
+ONEDNN_FLOAT32_MAX_KERNEL = 2**20
 
 
 def cast(x, dtype):
@@ -267,10 +274,16 @@ def linear(layer, inputs, activation=None):
       the kernel as stored, `(in, out)`. Keras' Dense adds the bias in a
       separate pass; `F.linear(x, kernel.T)` ties with `addmm` in float32
       and is slower in bfloat16 (`benchmarks/linear_speed.py`);
-    - with "gelu_tanh" and no gradient being recorded (inference), the GELU
+    - with "gelu_tanh" at inference (no gradient being recorded), the GELU
       runs inside oneDNN's matmul as a post-op, saving a pass over the
-      4x-wide MLP activation (measured 1.2-1.8x faster in float32, 1.7-3.5x
-      in bfloat16 than matmul, then GELU). oneDNN's fused op has no
+      4x-wide MLP activation: in bfloat16 always, in float32 only for a
+      kernel of at most `ONEDNN_FLOAT32_MAX_KERNEL` entries. In float32
+      oneDNN re-lays out the transposed kernel on every call, a cost that
+      grows with the weight: at SD3-medium's width (1536 -> 6144) the
+      fused op took 2-2.5x as long as `addmm`, then GELU in place (the
+      larger kernels' path), while the `bench` config's step (384 -> 1536)
+      is ~5% faster fused (`benchmarks/linear_speed.py --hidden 384
+      --hidden 1536`, `benchmarks/step_ab.py`). oneDNN's fused op has no
       backward, so training takes `addmm` + GELU.
 
     On tensorflow the 3D input is flattened to a 2D `matmul`, `bias_add`
@@ -315,9 +328,12 @@ def linear(layer, inputs, activation=None):
         # contiguous (in, out) kernel without a copy.
         return torch.ops.mkldnn._linear_pointwise(x, kernel.T, bias, "gelu", [], "tanh")
     out = affine(x, kernel, bias)
-    if activation is not None:
-        out = torch.nn.functional.gelu(out, approximate="tanh")
-    return out
+    if activation is None:
+        return out
+    if torch.is_grad_enabled():
+        return torch.nn.functional.gelu(out, approximate="tanh")
+    # In place: no second 4x-wide buffer (and its page faults).
+    return torch.ops.aten.gelu_(out, approximate="tanh")
 
 
 def affine(x, kernel, bias):
@@ -363,16 +379,18 @@ def _tf_linear(x, kernel, bias, activation):
 
 
 def _onednn_gelu_usable(x, kernel):
-    """Whether torch's oneDNN linear + GELU may run: inference on a dense CPU
-    input, and a contiguous kernel (other strides take oneDNN's reference
-    kernel, hundreds of times slower)."""
+    """Whether torch's oneDNN linear + GELU should run: inference on a dense
+    CPU input in bfloat16, or in float32 with a small kernel (see `linear`),
+    and a contiguous kernel (other strides take oneDNN's reference kernel,
+    hundreds of times slower)."""
     import torch
 
+    small = kernel.numel() <= ONEDNN_FLOAT32_MAX_KERNEL
     return (
         torch.backends.mkldnn.is_available()
         and not torch.is_grad_enabled()
         and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and small))
         and kernel.is_contiguous()
         and x.is_contiguous()
     )
