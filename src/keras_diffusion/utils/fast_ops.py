@@ -30,9 +30,9 @@ from keras import ops
 from keras_diffusion.utils.backend import backend_name
 
 # The largest float32 kernel (entries) that `linear` hands to oneDNN's fused
-# matmul + GELU on torch: 512 x 2048. Measured on an AVX-512 CPU, fused won
-# at 384 x 1536 and lost from 768 x 3072 up (it re-lays out the kernel on
-# every call).
+# matmul + GELU on torch: 512 x 2048. On an AVX-512 CPU (an ad hoc sweep),
+# fused won at 384 x 1536, tied at 512 x 2048 and lost from 768 x 3072 up:
+# it re-lays out the kernel on every call.
 ONEDNN_FLOAT32_MAX_KERNEL = 2**20
 
 
