@@ -53,12 +53,24 @@ def test_linear_with_gelu_equals_dense_then_gelu(
         ops.cast(ops.gelu(layer(x), approximate=True), "float32")
     )
     context = contextlib.nullcontext()
+    fused_calls = []
     if inference and keras.backend.backend() == "torch":
         import torch
 
         context = torch.no_grad()
+        fused = torch.ops.mkldnn._linear_pointwise
+
+        def counting(*args):
+            fused_calls.append(args)
+            return fused(*args)
+
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
     with context:
         got = fast_ops.linear(layer, x, "gelu_tanh")
+    if inference and keras.backend.backend() == "torch":
+        # The path taken: fused unless a float32 kernel is over the limit.
+        large_float32 = dtype == "float32" and onednn_float32_max < 4 * 7
+        assert len(fused_calls) == (0 if large_float32 else 1)
     assert keras.backend.standardize_dtype(got.dtype) == dtype
     got = ops.convert_to_numpy(ops.cast(got, "float32"))
     np.testing.assert_allclose(got, want, atol=1e-5 if dtype == "float32" else 3e-2)

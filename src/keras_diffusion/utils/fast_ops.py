@@ -280,7 +280,7 @@ def linear(layer, inputs, activation=None):
       kernel of at most `ONEDNN_FLOAT32_MAX_KERNEL` entries. In float32
       oneDNN re-lays out the transposed kernel on every call, a cost that
       grows with the weight: at SD3-medium's width (1536 -> 6144) the
-      fused op took 2-2.5x as long as `addmm`, then GELU in place (the
+      fused op took 2.3x as long as `addmm`, then GELU in place (the
       larger kernels' path), while the `bench` config's step (384 -> 1536)
       is ~5% faster fused (`benchmarks/linear_speed.py --hidden 384
       --hidden 1536`, `benchmarks/step_ab.py`). oneDNN's fused op has no
@@ -332,7 +332,7 @@ def linear(layer, inputs, activation=None):
         return out
     if torch.is_grad_enabled():
         return torch.nn.functional.gelu(out, approximate="tanh")
-    # In place: no second 4x-wide buffer (and its page faults).
+    # In place: no second 4x-wide buffer.
     return torch.ops.aten.gelu_(out, approximate="tanh")
 
 
