@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_diffusion.utils import fast_attention
+from keras_diffusion.utils import cpu_kernels, fast_attention
 
 RNG = np.random.default_rng(0)
 
@@ -80,8 +80,9 @@ def test_joint_attention_equals_attention_of_the_concatenation(query_parts):
 
 
 def test_joint_attention_in_a_compiled_function_with_unknown_token_counts():
-    # tensorflow traces the generate loop with unknown batch and token axes
-    # (`reduce_retracing`); the group sizes then come from dynamic shapes.
+    # A tensorflow graph may have unknown batch and token axes (Keras' `fit`
+    # relaxes shapes on retracing); the group sizes then come from dynamic
+    # shapes.
     if keras.backend.backend() != "tensorflow":
         pytest.skip("tensorflow's dynamic shapes; jax and torch see static ones")
     import tensorflow as tf
@@ -119,6 +120,58 @@ def test_bfloat16_attention_keeps_the_query_dtype():
         ops.convert_to_numpy(want),
         atol=3e-2,
     )
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_bfloat16_attention_without_bfloat16_kernels_runs_in_float32(
+    joint, monkeypatch
+):
+    # Where oneDNN has no bfloat16 kernels (an AVX2 CPU), torch's bfloat16
+    # attention is slower than float32's: it runs in float32 and returns
+    # bfloat16 (`cpu_kernels.emulated_bfloat16`).
+    monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: False)
+    qkv = _normal(2, 6, 24)
+    want = ops.convert_to_numpy(
+        fast_attention.joint_attention(*_parts(qkv))[0]
+        if joint
+        else fast_attention.attention(*_token_major_heads(qkv))
+    )
+    kernel_dtypes = []
+    if keras.backend.backend() == "torch":
+        import torch
+
+        sdpa = (torch.nn.functional, "scaled_dot_product_attention")
+        _record_dtypes(monkeypatch, *sdpa, kernel_dtypes)
+    qkv = ops.cast(qkv, "bfloat16")
+    if joint:
+        out = fast_attention.joint_attention(*_parts(qkv))[0]
+    else:
+        out = fast_attention.attention(*_token_major_heads(qkv))
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    if keras.backend.backend() == "torch":
+        assert kernel_dtypes == [torch.float32]
+    got = ops.convert_to_numpy(ops.cast(out, "float32"))
+    np.testing.assert_allclose(got, want.reshape(got.shape), atol=3e-2, rtol=2e-2)
+
+
+def _token_major_heads(qkv):
+    b, t = qkv.shape[:2]
+    return [ops.reshape(p, (b, t, 2, 4)) for p in ops.split(qkv, 3, axis=-1)]
+
+
+def _parts(qkv):
+    q, k, v = fast_attention.split_heads(qkv, 2, 4)
+    return [q], [k], [v]
+
+
+def _record_dtypes(monkeypatch, module, name, dtypes):
+    original = getattr(module, name)
+
+    def recording(*args, **kwargs):
+        dtypes.append(args[0].dtype)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
 
 
 def test_docstring_examples_run():

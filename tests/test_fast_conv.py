@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_diffusion.utils import fast_conv
+from keras_diffusion.utils import cpu_kernels, fast_conv
 
 RNG = np.random.default_rng(0)
 
@@ -36,6 +36,34 @@ def test_conv2d_output_is_channels_last_and_contiguous():
     if keras.backend.backend() == "torch":
         # A channels-last view: no copy is needed by the next layer.
         assert out.is_contiguous()
+
+
+def test_bfloat16_conv2d_without_bfloat16_kernels_runs_in_float32(monkeypatch):
+    # Where oneDNN has no bfloat16 kernels (an AVX2 CPU), torch's bfloat16
+    # convolution is generic code: it runs in float32 and returns bfloat16.
+    monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: False)
+    layer = keras.layers.Conv2D(4, 3, padding="same", dtype="bfloat16")
+    x = _normal(1, 8, 8, 6)
+    layer.build(x.shape)
+    layer.bias.assign(_normal(4))
+    want = ops.convert_to_numpy(ops.cast(layer(x), "float32"))
+    kernel_dtypes = []
+    if keras.backend.backend() == "torch":
+        import torch
+
+        original = torch.nn.functional.conv2d
+
+        def recording(*args):
+            kernel_dtypes.append(args[0].dtype)
+            return original(*args)
+
+        monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
+    out = fast_conv.conv2d(layer, x)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    if keras.backend.backend() == "torch":
+        assert kernel_dtypes == [torch.float32]
+    got = ops.convert_to_numpy(ops.cast(out, "float32"))
+    np.testing.assert_allclose(got, want, atol=6e-2, rtol=2e-2)
 
 
 def _group_norm_reference(x, groups, gamma, beta, epsilon):

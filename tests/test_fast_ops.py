@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_diffusion.utils import fast_ops
+from keras_diffusion.utils import cpu_kernels, fast_ops
 
 RNG = np.random.default_rng(0)
 
@@ -28,23 +28,38 @@ def test_linear_equals_the_dense_layer():
     )
 
 
+def _torch_cpu_facts():
+    """(AVX-512, oneDNN bfloat16 kernels) as torch reports them."""
+    import torch
+
+    return (
+        torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+        bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    )
+
+
 @pytest.mark.parametrize(
-    "inference, dtype, onednn_float32_max",
+    "inference, dtype, onednn_float32_max, cpu",
     [
-        (False, "float32", 2**20),
-        (True, "float32", 2**20),
-        (True, "float32", 0),
-        (True, "bfloat16", 0),
+        (False, "float32", 2**20, "this"),
+        (True, "float32", 2**20, "this"),
+        (True, "float32", 0, "this"),
+        (True, "bfloat16", 0, "this"),
+        (True, "float32", 2**20, "avx2"),
+        (True, "bfloat16", 0, "avx2"),
     ],
 )
 def test_linear_with_gelu_equals_dense_then_gelu(
-    inference, dtype, onednn_float32_max, monkeypatch
+    inference, dtype, onednn_float32_max, cpu, monkeypatch
 ):
     # On torch, inference (no gradient recorded) takes oneDNN's fused
-    # matmul + GELU in bfloat16 and for small float32 kernels, and addmm then
-    # GELU in place for larger float32 kernels (a threshold of 0 makes this
-    # one large); training takes addmm then GELU. All must match Dense.
-    monkeypatch.setattr(fast_ops, "ONEDNN_FLOAT32_MAX_KERNEL", onednn_float32_max)
+    # matmul + GELU in bfloat16 where oneDNN has bfloat16 kernels, and for
+    # small float32 kernels on AVX-512 CPUs; otherwise addmm then GELU in
+    # place (a threshold of 0 makes every float32 kernel large). Training
+    # takes addmm then GELU. "avx2" makes this CPU look like one with
+    # neither AVX-512 nor bfloat16 kernels (oneDNN cannot even build a
+    # bfloat16 primitive there). All must match Dense.
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_FLOAT32_MAX_KERNEL", onednn_float32_max)
     layer = keras.layers.Dense(7, dtype=dtype)
     x = _normal(2, 5, 4)
     layer.build(x.shape)
@@ -54,9 +69,15 @@ def test_linear_with_gelu_equals_dense_then_gelu(
     )
     context = contextlib.nullcontext()
     fused_calls = []
-    if inference and keras.backend.backend() == "torch":
+    torch_inference = inference and keras.backend.backend() == "torch"
+    if torch_inference:
         import torch
 
+        avx512, bfloat16_kernels = _torch_cpu_facts()
+        if cpu == "avx2":
+            avx512 = bfloat16_kernels = False
+            monkeypatch.setattr(cpu_kernels, "cpu_has_avx512", lambda: False)
+            monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: False)
         context = torch.no_grad()
         fused = torch.ops.mkldnn._linear_pointwise
 
@@ -67,13 +88,81 @@ def test_linear_with_gelu_equals_dense_then_gelu(
         monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
     with context:
         got = fast_ops.linear(layer, x, "gelu_tanh")
-    if inference and keras.backend.backend() == "torch":
-        # The path taken: fused unless a float32 kernel is over the limit.
-        large_float32 = dtype == "float32" and onednn_float32_max < 4 * 7
-        assert len(fused_calls) == (0 if large_float32 else 1)
+    if torch_inference:
+        small_float32 = dtype == "float32" and onednn_float32_max >= 4 * 7
+        fused_expected = (small_float32 and avx512) or (
+            dtype == "bfloat16" and bfloat16_kernels
+        )
+        assert len(fused_calls) == int(fused_expected)
     assert keras.backend.standardize_dtype(got.dtype) == dtype
     got = ops.convert_to_numpy(ops.cast(got, "float32"))
-    np.testing.assert_allclose(got, want, atol=1e-5 if dtype == "float32" else 3e-2)
+    # bfloat16: a few ulps (1/128 relative) apart from Keras' own rounding.
+    tolerance = dict(atol=1e-5) if dtype == "float32" else dict(atol=3e-2, rtol=2e-2)
+    np.testing.assert_allclose(got, want, **tolerance)
+
+
+def _record_dtypes(monkeypatch, module, name, dtypes):
+    """Wrap `module.name` to append its first argument's dtype to `dtypes`."""
+    original = getattr(module, name)
+
+    def recording(*args, **kwargs):
+        first = next(a for a in args if hasattr(a, "dtype"))
+        dtypes.append(first.dtype)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("bfloat16_kernels", ["this cpu", "none"])
+def test_bfloat16_linear_matches_dense_with_or_without_bfloat16_kernels(
+    bfloat16_kernels, use_bias, activation, monkeypatch
+):
+    # Where oneDNN has no bfloat16 kernels (an AVX2 CPU), torch's bfloat16
+    # matmuls are generic code, 10-50x slower than float32; `linear` then
+    # multiplies in float32 and returns bfloat16. "none" makes this CPU look
+    # like such a one.
+    if bfloat16_kernels == "none":
+        monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: False)
+    layer = keras.layers.Dense(7, use_bias=use_bias, dtype="bfloat16")
+    x = _normal(2, 5, 4)
+    layer.build(x.shape)
+    if use_bias:
+        layer.bias.assign(_normal(7))
+    want = layer(x)
+    if activation is not None:
+        want = ops.gelu(want, approximate=True)
+    matmul_dtypes = []
+    context = contextlib.nullcontext()
+    on_torch = keras.backend.backend() == "torch"
+    if on_torch:
+        import torch
+
+        context = torch.no_grad()
+        for name in ("addmm", "mm"):
+            _record_dtypes(monkeypatch, torch, name, matmul_dtypes)
+    with context:
+        got = fast_ops.linear(layer, x, activation)
+    assert keras.backend.standardize_dtype(got.dtype) == "bfloat16"
+    if on_torch and bfloat16_kernels == "none":
+        assert matmul_dtypes == [torch.float32]
+        assert cpu_kernels.emulated_bfloat16(got)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ops.cast(got, "float32")),
+        ops.convert_to_numpy(ops.cast(want, "float32")),
+        atol=3e-2,
+        rtol=2e-2,  # a few bfloat16 ulps apart from Keras' own rounding
+    )
+
+
+def test_emulated_bfloat16_only_for_bfloat16_torch_tensors(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: False)
+    on_torch = keras.backend.backend() == "torch"
+    assert cpu_kernels.emulated_bfloat16(ops.ones((2,), "bfloat16")) == on_torch
+    assert not cpu_kernels.emulated_bfloat16(ops.ones((2,), "float32"))
+    monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: True)
+    assert not cpu_kernels.emulated_bfloat16(ops.ones((2,), "bfloat16"))
 
 
 def test_linear_in_a_tensorflow_graph_with_unknown_shapes_and_gradients():

@@ -4,7 +4,9 @@ Model code calls these instead of `ops.dot_product_attention`; the results
 agree with it to float rounding (tests/test_fast_attention.py). Scores and
 softmax are float32 on every path.
 
-- torch: its fused `scaled_dot_product_attention`, fed heads-first memory;
+- torch: its fused `scaled_dot_product_attention`, fed heads-first memory
+  (in float32 for bfloat16 inputs on a CPU without bfloat16 kernels:
+  `cpu_kernels.emulated_bfloat16`);
 - jax: einsums over blocks of `ATTENTION_QUERY_BLOCK` queries (XLA keeps a
   block's score matrix in cache; 1.6-3x faster than Keras' op on CPU);
 - tensorflow: two batched matmuls on heads-first tensors,
@@ -21,6 +23,8 @@ import keras  # noqa: F401 (the examples use it)
 from keras import ops
 
 from keras_diffusion.utils.backend import backend_name
+from keras_diffusion.utils.cpu_kernels import emulated_bfloat16
+from keras_diffusion.utils.fast_ops import cast
 
 # Queries per block of `attention` on jax (see there).
 ATTENTION_QUERY_BLOCK = 512
@@ -44,6 +48,13 @@ def attention(query, key, value, scale=None, causal=False):
     scale = _scale(query, scale)
     backend = backend_name()
     if backend == "torch":
+        if emulated_bfloat16(query):
+            f32 = "float32"
+            query, key, value = (cast(t, f32) for t in (query, key, value))
+            out = ops.dot_product_attention(
+                query, key, value, scale=scale, is_causal=causal
+            )
+            return cast(out, "bfloat16")
         return ops.dot_product_attention(
             query, key, value, scale=scale, is_causal=causal
         )
@@ -184,14 +195,17 @@ def _torch_joint_attend(queries, keys, values, scale, causal=False):
         parts = [ops.convert_to_tensor(p).transpose(1, 2) for p in parts]
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
 
+    dtype = queries[0].dtype
+    # Without bfloat16 kernels on this CPU, compute in float32 (`cpu_kernels`).
+    work = torch.float32 if emulated_bfloat16(queries[0]) else dtype
     out = torch.nn.functional.scaled_dot_product_attention(
-        heads_first(queries),
-        heads_first(keys),
-        heads_first(values),
+        heads_first(queries).to(work),
+        heads_first(keys).to(work),
+        heads_first(values).to(work),
         scale=scale,
         is_causal=causal,
     )
-    return out.transpose(1, 2)
+    return out.to(dtype).transpose(1, 2)
 
 
 def _jax_attend(query, key, value, scale, causal=False):

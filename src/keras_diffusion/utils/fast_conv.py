@@ -3,8 +3,9 @@
 - `conv2d`: on torch, one oneDNN convolution on a channels-last *view* of
   the NHWC tensor (Keras' own torch convolution copies the input to NCHW,
   back to channels-last memory and pads it explicitly: three copies of
-  every VAE activation per convolution); on tensorflow `conv2d` and
-  `bias_add`, which grappler fuses;
+  every VAE activation per convolution), in float32 for bfloat16 layers on
+  a CPU without bfloat16 kernels (`cpu_kernels.emulated_bfloat16`); on
+  tensorflow `conv2d` and `bias_add`, which grappler fuses;
 - `group_norm`: on torch the native kernel on the group-centred input; on
   tensorflow the per-channel sums as a matmul with a `1/n` row (an Eigen
   reduction over the pixel and in-group axes of `(B, HW, G, C/G)` ran at a
@@ -18,6 +19,7 @@ import keras
 from keras import ops
 
 from keras_diffusion.utils.backend import backend_name
+from keras_diffusion.utils.cpu_kernels import emulated_bfloat16
 from keras_diffusion.utils.fast_ops import cast
 
 
@@ -74,13 +76,16 @@ def conv2d(layer, inputs):
     import torch
 
     dtype = layer.compute_dtype
+    x = cast(inputs, dtype)
+    # Without bfloat16 kernels on this CPU, compute in float32 (`cpu_kernels`).
+    work = "float32" if emulated_bfloat16(x) else dtype
     # NHWC memory seen as NCHW: torch picks its channels-last kernel.
-    x = ops.cast(inputs, dtype).permute(0, 3, 1, 2)
-    kernel = ops.cast(layer.kernel, dtype).permute(3, 2, 0, 1)
-    bias = None if layer.bias is None else ops.cast(layer.bias, dtype)
+    x = cast(x, work).permute(0, 3, 1, 2)
+    kernel = cast(cast(layer.kernel, dtype), work).permute(3, 2, 0, 1)
+    bias = None if layer.bias is None else cast(cast(layer.bias, dtype), work)
     padding = tuple(k // 2 for k in kernel_size) if same else 0
     out = torch.nn.functional.conv2d(x, kernel, bias, strides, padding)
-    return out.permute(0, 2, 3, 1)
+    return cast(out.permute(0, 2, 3, 1), dtype)
 
 
 def group_norm(x, groups, gamma, beta, epsilon):

@@ -6,8 +6,8 @@ rounding (tests/test_fast_ops.py). Attention has its own module,
 `utils.fast_attention`.
 
 - `linear`: a Dense layer (and GELU) with its bias folded into the matmul
-  on torch, and the GELU into oneDNN's matmul at inference (in float32 for
-  small kernels only); on tensorflow, the 2D matmul, bias add and GELU that
+  on torch, and the GELU into oneDNN's matmul at inference where the CPU
+  favours it; on tensorflow, the 2D matmul, bias add and GELU that
   grappler fuses into one oneDNN op;
 - `modulate`, `gated_residual`, `norm_modulate`: AdaLN's element-wise maths
   as one fused pass each on torch (`norm_modulate` folds the layer norm in),
@@ -28,12 +28,7 @@ import keras
 from keras import ops
 
 from keras_diffusion.utils.backend import backend_name
-
-# The largest float32 kernel (entries) that `linear` hands to oneDNN's fused
-# matmul + GELU on torch: 512 x 2048. On an AVX-512 CPU (an ad hoc sweep),
-# fused won at 384 x 1536, tied at 512 x 2048 and lost from 768 x 3072 up:
-# it re-lays out the kernel on every call.
-ONEDNN_FLOAT32_MAX_KERNEL = 2**20
+from keras_diffusion.utils.cpu_kernels import emulated_bfloat16, onednn_gelu_usable
 
 
 def cast(x, dtype):
@@ -275,22 +270,27 @@ def linear(layer, inputs, activation=None):
       separate pass; `F.linear(x, kernel.T)` ties with `addmm` in float32
       and is slower in bfloat16 (`benchmarks/linear_speed.py`);
     - with "gelu_tanh" at inference (no gradient being recorded), the GELU
-      runs inside oneDNN's matmul as a post-op, saving a pass over the
-      4x-wide MLP activation: in bfloat16 always, in float32 only for a
-      kernel of at most `ONEDNN_FLOAT32_MAX_KERNEL` entries. In float32
-      oneDNN re-lays out the transposed kernel on every call, a cost that
-      grows with the weight: at SD3-medium's width (1536 -> 6144) the
-      fused op took 2.3x as long as `addmm`, then GELU in place (the
-      larger kernels' path), while the `bench` config's step (384 -> 1536)
-      is ~5% faster fused (`benchmarks/linear_speed.py --hidden 384
-      --hidden 1536`, `benchmarks/step_ab.py`). oneDNN's fused op has no
-      backward, so training takes `addmm` + GELU.
+      runs inside oneDNN's matmul as a post-op where that pays on this CPU
+      (`cpu_kernels.onednn_gelu_pays`), saving a pass over the 4x-wide MLP
+      activation: in bfloat16 wherever oneDNN has bfloat16 kernels, in
+      float32 only on AVX-512 CPUs and for a kernel of at most
+      `cpu_kernels.ONEDNN_FLOAT32_MAX_KERNEL` entries. In float32 oneDNN
+      re-lays out the transposed kernel on every call, a cost that grows
+      with the weight: on an AVX-512 Xeon at SD3-medium's width (1536 ->
+      6144) the fused op took 2.3x as long as `addmm`, then GELU in place
+      (the other path), while the `bench` config's step (384 -> 1536) was
+      ~5% faster fused; on an AVX2 EPYC the fused op lost at 384 too
+      (`benchmarks/linear_speed.py --hidden 384 --hidden 1536`,
+      `benchmarks/step_ab.py`). oneDNN's fused op has no backward, so
+      training takes `addmm` + GELU.
 
     On tensorflow the 3D input is flattened to a 2D `matmul`, `bias_add`
     and `tf.nn.gelu`, the pattern grappler's remapper fuses into one oneDNN
     matmul (Keras' Dense reshapes between its matmul and a plain bias add,
-    which stay three ops). jax fuses in XLA; layers with LoRA, quantization,
-    their own activation or no bias are simply called.
+    which stay three ops). jax fuses in XLA; layers with LoRA, quantization
+    or their own activation, and on tensorflow layers without a bias, are
+    simply called. On a CPU without bfloat16 kernels a bfloat16 layer
+    computes in float32 on torch (`cpu_kernels.emulated_bfloat16`).
 
     Examples:
 
@@ -311,19 +311,28 @@ def linear(layer, inputs, activation=None):
         or layer.lora_enabled
         or layer.quantization_mode is not None
         or layer.activation is not keras.activations.linear
-        or layer.bias is None
+        or (layer.bias is None and backend_name() == "tensorflow")
     ):
         out = layer(inputs)
         return out if activation is None else ops.gelu(out, approximate=True)
     dtype = layer.compute_dtype
     kernel = cast(layer.kernel, dtype)
-    bias = cast(layer.bias, dtype)
+    bias = None if layer.bias is None else cast(layer.bias, dtype)
     x = cast(inputs, dtype)
     if backend_name() == "tensorflow":
         return _tf_linear(x, kernel, bias, activation)
+    if emulated_bfloat16(x):
+        f32 = "float32"
+        bias = None if bias is None else cast(bias, f32)
+        out = _torch_linear(cast(x, f32), cast(kernel, f32), bias, activation)
+        return cast(out, dtype)
+    return _torch_linear(x, kernel, bias, activation)
+
+
+def _torch_linear(x, kernel, bias, activation):
     import torch
 
-    if activation is not None and _onednn_gelu_usable(x, kernel):
+    if activation is not None and bias is not None and onednn_gelu_usable(x, kernel):
         # oneDNN reads the (out, in) weight as the transpose of the stored
         # contiguous (in, out) kernel without a copy.
         return torch.ops.mkldnn._linear_pointwise(x, kernel.T, bias, "gelu", [], "tanh")
@@ -337,7 +346,7 @@ def linear(layer, inputs, activation=None):
 
 
 def affine(x, kernel, bias):
-    """`x @ kernel + bias` over the last axis of `x`.
+    """`x @ kernel + bias` over the last axis of `x` (`bias` may be None).
 
     On torch one `addmm` on the flattened input (the bias add folded into
     the matmul).
@@ -353,10 +362,15 @@ def affine(x, kernel, bias):
     if backend_name() == "torch":
         import torch
 
-        x, kernel, bias = (_torch_tensor(v) for v in (x, kernel, bias))
-        out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), kernel)
+        x, kernel = _torch_tensor(x), _torch_tensor(kernel)
+        flat = x.reshape(-1, x.shape[-1])
+        if bias is None:
+            out = torch.mm(flat, kernel)
+        else:
+            out = torch.addmm(_torch_tensor(bias), flat, kernel)
         return out.reshape(*x.shape[:-1], kernel.shape[-1])
-    return ops.matmul(x, kernel) + bias
+    out = ops.matmul(x, kernel)
+    return out if bias is None else out + bias
 
 
 def _torch_tensor(x):
@@ -376,24 +390,6 @@ def _tf_linear(x, kernel, bias, activation):
     if x.shape[:-1].is_fully_defined():  # a constant shape: one op, not four
         return tf.reshape(out, x.shape[:-1] + [kernel.shape[1]])
     return tf.reshape(out, tf.concat([tf.shape(x)[:-1], [kernel.shape[1]]], 0))
-
-
-def _onednn_gelu_usable(x, kernel):
-    """Whether torch's oneDNN linear + GELU should run: inference on a dense
-    CPU input in bfloat16, or in float32 with a small kernel (see `linear`),
-    and a contiguous kernel (other strides take oneDNN's reference kernel,
-    hundreds of times slower)."""
-    import torch
-
-    small = kernel.numel() <= ONEDNN_FLOAT32_MAX_KERNEL
-    return (
-        torch.backends.mkldnn.is_available()
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and small))
-        and kernel.is_contiguous()
-        and x.is_contiguous()
-    )
 
 
 def layer_normalization(layer, inputs):

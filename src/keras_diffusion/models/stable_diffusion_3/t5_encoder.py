@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from keras_diffusion.api_export import register
+from keras_diffusion.utils.fast_ops import linear
 
 
 def relative_position_buckets(
@@ -127,7 +128,7 @@ class T5EncoderBlock(keras.layers.Layer):
     def call(self, x, position_bias):
         x = ops.cast(x, "float32")
         h = self.attention_norm(x)
-        q, k, v = ops.split(self.qkv(h), 3, axis=-1)
+        q, k, v = ops.split(linear(self.qkv, h), 3, axis=-1)
         heads_shape = tuple(ops.shape(x)[:-1]) + (self.num_heads, self.key_value_dim)
         # T5 does not scale its logits, which grow large: bfloat16 logits (the
         # TensorFlow backend rounds them) lose too much, so attention runs in
@@ -139,12 +140,12 @@ class T5EncoderBlock(keras.layers.Layer):
         attention = ops.reshape(
             attention, tuple(ops.shape(x)[:-1]) + (self.num_heads * self.key_value_dim,)
         )
-        x = x + ops.cast(self.attention_output(attention), "float32")
+        x = x + ops.cast(linear(self.attention_output, attention), "float32")
 
-        gate, up = ops.split(self.ffn_gate_up(self.ffn_norm(x)), 2, axis=-1)
+        gate, up = ops.split(linear(self.ffn_gate_up, self.ffn_norm(x)), 2, axis=-1)
         gate = keras.activations.gelu(ops.cast(gate, "float32"), approximate=True)
         h = gate * ops.cast(up, "float32")
-        return x + self.ffn_output(h)
+        return x + linear(self.ffn_output, h)
 
     def compute_output_spec(self, x, position_bias):
         return keras.KerasTensor(x.shape, dtype="float32")

@@ -1,0 +1,112 @@
+"""Which torch CPU kernel pays on this CPU.
+
+The fast paths (`fast_ops`, `fast_attention`, `fast_conv`) ask these
+questions of torch's CPU build (its CPU capability and oneDNN's bfloat16
+support) instead of assuming one machine: what won on an AVX-512 Xeon with
+AMX lost, or did not run at all, on an AVX2 EPYC (Zen 3). The answers are
+cached per process; tests patch `cpu_has_avx512` and `onednn_has_bfloat16`
+to take the other machine's paths.
+"""
+
+import functools
+
+from keras_diffusion.utils.backend import backend_name
+
+# The largest float32 kernel (entries) that `linear` hands to oneDNN's fused
+# matmul + GELU on torch: 512 x 2048. On an AVX-512 CPU (an ad hoc sweep),
+# fused won at 384 x 1536, tied at 512 x 2048 and lost from 768 x 3072 up:
+# it re-lays out the kernel on every call.
+ONEDNN_FLOAT32_MAX_KERNEL = 2**20
+
+
+def emulated_bfloat16(x):
+    """Whether `x` is a bfloat16 torch CPU tensor on a CPU whose oneDNN has
+    no bfloat16 kernels (neither AVX512-BF16 nor AMX).
+
+    There, torch's bfloat16 kernels fall back to generic code: on an AVX2
+    EPYC a (2048 x 384) @ (384 x 1536) matmul took 1.99 s on the stored
+    `(in, out)` kernel and 0.18 s on an `(out, in)` one (diffusers' layout),
+    against 0.04 s in float32, upcasts and downcast included; bfloat16
+    attention was 1.4x float32's (ad hoc). The fast paths then compute in
+    float32 and round the result to bfloat16: the numbers of a bfloat16
+    matmul with float32 accumulation, up to summation order.
+
+    Examples:
+
+    >>> import keras
+    >>> emulated_bfloat16(keras.ops.ones((2,), "float32"))
+    False
+    """
+    if backend_name() != "torch":
+        return False
+    import torch
+
+    return (
+        isinstance(x, torch.Tensor)
+        and x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and not onednn_has_bfloat16()
+    )
+
+
+def onednn_gelu_usable(x, kernel):
+    """Whether torch's oneDNN linear + GELU should run: inference on a dense
+    CPU input where `onednn_gelu_pays` for its dtype and kernel, and a
+    contiguous kernel (other strides take oneDNN's reference kernel,
+    hundreds of times slower)."""
+    import torch
+
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and kernel.is_contiguous()
+        and x.is_contiguous()
+        and onednn_gelu_pays(x.dtype, kernel.numel())
+    )
+
+
+def onednn_gelu_pays(dtype, kernel_entries):
+    """Whether oneDNN's fused matmul + GELU beats `addmm`, then GELU, on this
+    CPU (see `fast_ops.linear`).
+
+    bfloat16: wherever oneDNN has bfloat16 kernels (AVX512-BF16 or AMX;
+    elsewhere it cannot build the primitive at all). float32: for kernels
+    of at most `ONEDNN_FLOAT32_MAX_KERNEL` entries on AVX-512 CPUs only; on
+    an AVX2 CPU (AMD EPYC, Zen 3) the fused op was slower at every size
+    (`benchmarks/linear_speed.py` and an ad hoc rerun: 384 -> 1536 on
+    2,048 rows, 41.6-42.8 ms fused against 32.3-32.6 for `addmm`, then
+    GELU).
+
+    Examples:
+
+    >>> import torch
+    >>> onednn_gelu_pays(torch.float32, 2**21)  # over the limit on any CPU
+    False
+    """
+    import torch
+
+    if dtype == torch.bfloat16:
+        return onednn_has_bfloat16()
+    return (
+        dtype == torch.float32
+        and kernel_entries <= ONEDNN_FLOAT32_MAX_KERNEL
+        and cpu_has_avx512()
+    )
+
+
+@functools.cache
+def onednn_has_bfloat16():
+    import torch
+
+    return torch.backends.mkldnn.is_available() and bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+@functools.cache
+def cpu_has_avx512():
+    import torch
+
+    return torch.backends.mkldnn.is_available() and (
+        torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    )
