@@ -156,15 +156,6 @@ def test_bfloat16_linear_matches_dense_with_or_without_bfloat16_kernels(
     )
 
 
-def test_emulated_bfloat16_only_for_bfloat16_torch_tensors(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: False)
-    on_torch = keras.backend.backend() == "torch"
-    assert cpu_kernels.emulated_bfloat16(ops.ones((2,), "bfloat16")) == on_torch
-    assert not cpu_kernels.emulated_bfloat16(ops.ones((2,), "float32"))
-    monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: True)
-    assert not cpu_kernels.emulated_bfloat16(ops.ones((2,), "bfloat16"))
-
-
 def test_linear_in_a_tensorflow_graph_with_unknown_shapes_and_gradients():
     # tensorflow flattens to a 2D matmul with its bias (and GELU) for
     # grappler to fuse; the reshapes must hold for unknown batch and token
