@@ -39,3 +39,23 @@ def _float32_policy():
     keras.config.set_dtype_policy("float32")
     yield
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture
+def record_dtypes(monkeypatch):
+    """`record_dtypes(module, name)` wraps `module.name` for this test and
+    returns the list of dtypes of its first tensor argument, one per call
+    (which precision a backend kernel actually ran in)."""
+
+    def record(module, name):
+        original = getattr(module, name)
+        dtypes = []
+
+        def recording(*args, **kwargs):
+            dtypes.append(next(a for a in args if hasattr(a, "dtype")).dtype)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
+        return dtypes
+
+    return record

@@ -124,7 +124,7 @@ def test_bfloat16_attention_keeps_the_query_dtype():
 
 @pytest.mark.parametrize("joint", [False, True])
 def test_bfloat16_attention_without_bfloat16_kernels_runs_in_float32(
-    joint, monkeypatch
+    joint, monkeypatch, record_dtypes
 ):
     # Where oneDNN has no bfloat16 kernels (an AVX2 CPU), torch's bfloat16
     # attention is slower than float32's: it runs in float32 and returns
@@ -136,12 +136,11 @@ def test_bfloat16_attention_without_bfloat16_kernels_runs_in_float32(
         if joint
         else fast_attention.attention(*_token_major_heads(qkv))
     )
-    kernel_dtypes = []
     if keras.backend.backend() == "torch":
         import torch
 
         sdpa = (torch.nn.functional, "scaled_dot_product_attention")
-        _record_dtypes(monkeypatch, *sdpa, kernel_dtypes)
+        kernel_dtypes = record_dtypes(*sdpa)
     qkv = ops.cast(qkv, "bfloat16")
     if joint:
         out = fast_attention.joint_attention(*_parts(qkv))[0]
@@ -162,16 +161,6 @@ def _token_major_heads(qkv):
 def _parts(qkv):
     q, k, v = fast_attention.split_heads(qkv, 2, 4)
     return [q], [k], [v]
-
-
-def _record_dtypes(monkeypatch, module, name, dtypes):
-    original = getattr(module, name)
-
-    def recording(*args, **kwargs):
-        dtypes.append(args[0].dtype)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, recording)
 
 
 def test_docstring_examples_run():

@@ -38,7 +38,9 @@ def test_conv2d_output_is_channels_last_and_contiguous():
         assert out.is_contiguous()
 
 
-def test_bfloat16_conv2d_without_bfloat16_kernels_runs_in_float32(monkeypatch):
+def test_bfloat16_conv2d_without_bfloat16_kernels_runs_in_float32(
+    monkeypatch, record_dtypes
+):
     # Where oneDNN has no bfloat16 kernels (an AVX2 CPU), torch's bfloat16
     # convolution is generic code: it runs in float32 and returns bfloat16.
     monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: False)
@@ -47,17 +49,10 @@ def test_bfloat16_conv2d_without_bfloat16_kernels_runs_in_float32(monkeypatch):
     layer.build(x.shape)
     layer.bias.assign(_normal(4))
     want = ops.convert_to_numpy(ops.cast(layer(x), "float32"))
-    kernel_dtypes = []
     if keras.backend.backend() == "torch":
         import torch
 
-        original = torch.nn.functional.conv2d
-
-        def recording(*args):
-            kernel_dtypes.append(args[0].dtype)
-            return original(*args)
-
-        monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
+        kernel_dtypes = record_dtypes(torch.nn.functional, "conv2d")
     out = fast_conv.conv2d(layer, x)
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
     if keras.backend.backend() == "torch":

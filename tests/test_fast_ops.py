@@ -101,23 +101,11 @@ def test_linear_with_gelu_equals_dense_then_gelu(
     np.testing.assert_allclose(got, want, **tolerance)
 
 
-def _record_dtypes(monkeypatch, module, name, dtypes):
-    """Wrap `module.name` to append its first argument's dtype to `dtypes`."""
-    original = getattr(module, name)
-
-    def recording(*args, **kwargs):
-        first = next(a for a in args if hasattr(a, "dtype"))
-        dtypes.append(first.dtype)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, recording)
-
-
 @pytest.mark.parametrize("activation", [None, "gelu_tanh"])
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("bfloat16_kernels", ["this cpu", "none"])
 def test_bfloat16_linear_matches_dense_with_or_without_bfloat16_kernels(
-    bfloat16_kernels, use_bias, activation, monkeypatch
+    bfloat16_kernels, use_bias, activation, monkeypatch, record_dtypes
 ):
     # Where oneDNN has no bfloat16 kernels (an AVX2 CPU), torch's bfloat16
     # matmuls are generic code, 10-50x slower than float32; `linear` then
@@ -133,20 +121,19 @@ def test_bfloat16_linear_matches_dense_with_or_without_bfloat16_kernels(
     want = layer(x)
     if activation is not None:
         want = ops.gelu(want, approximate=True)
-    matmul_dtypes = []
     context = contextlib.nullcontext()
     on_torch = keras.backend.backend() == "torch"
     if on_torch:
         import torch
 
         context = torch.no_grad()
-        for name in ("addmm", "mm"):
-            _record_dtypes(monkeypatch, torch, name, matmul_dtypes)
+        addmm_dtypes = record_dtypes(torch, "addmm")
+        mm_dtypes = record_dtypes(torch, "mm")
     with context:
         got = fast_ops.linear(layer, x, activation)
     assert keras.backend.standardize_dtype(got.dtype) == "bfloat16"
     if on_torch and bfloat16_kernels == "none":
-        assert matmul_dtypes == [torch.float32]
+        assert addmm_dtypes + mm_dtypes == [torch.float32]
         assert cpu_kernels.emulated_bfloat16(got)
     np.testing.assert_allclose(
         ops.convert_to_numpy(ops.cast(got, "float32")),

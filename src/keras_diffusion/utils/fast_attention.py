@@ -48,16 +48,14 @@ def attention(query, key, value, scale=None, causal=False):
     scale = _scale(query, scale)
     backend = backend_name()
     if backend == "torch":
-        if emulated_bfloat16(query):
-            f32 = "float32"
-            query, key, value = (cast(t, f32) for t in (query, key, value))
-            out = ops.dot_product_attention(
-                query, key, value, scale=scale, is_causal=causal
-            )
-            return cast(out, "bfloat16")
-        return ops.dot_product_attention(
+        # Without bfloat16 kernels on this CPU, compute in float32 (`cpu_kernels`).
+        emulated = emulated_bfloat16(query)
+        if emulated:
+            query, key, value = (cast(t, "float32") for t in (query, key, value))
+        out = ops.dot_product_attention(
             query, key, value, scale=scale, is_causal=causal
         )
+        return cast(out, "bfloat16") if emulated else out
     if backend == "tensorflow":
         import tensorflow as tf
 
