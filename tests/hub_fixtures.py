@@ -89,12 +89,22 @@ class _KaggleApi(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def kaggle_api(monkeypatch):
-    """A loopback Kaggle API (kagglesdk's TEST environment: localhost:7777)."""
+    """A loopback Kaggle API behind kagglesdk's TEST environment.
+
+    kagglesdk points TEST at a fixed localhost:7777; tests run in parallel
+    workers, so each server takes a free port and the TEST endpoint is set to it.
+    """
+    from kagglesdk import kaggle_env
+
     _KaggleApi.versions = {}
     _KaggleApi.requests = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 7777), _KaggleApi)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KaggleApi)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setitem(
+        kaggle_env._env_to_endpoint, kaggle_env.KaggleEnv.TEST, endpoint
+    )
     monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "TEST")
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
     try:
