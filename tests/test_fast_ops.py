@@ -129,11 +129,13 @@ def test_bfloat16_linear_matches_dense_with_or_without_bfloat16_kernels(
         context = torch.no_grad()
         addmm_dtypes = record_dtypes(torch, "addmm")
         mm_dtypes = record_dtypes(torch, "mm")
+        # AVX-512 CPUs fuse small float32 kernels with their GELU in oneDNN.
+        fused_dtypes = record_dtypes(torch.ops.mkldnn, "_linear_pointwise")
     with context:
         got = fast_ops.linear(layer, x, activation)
     assert keras.backend.standardize_dtype(got.dtype) == "bfloat16"
     if on_torch and bfloat16_kernels == "none":
-        assert addmm_dtypes + mm_dtypes == [torch.float32]
+        assert addmm_dtypes + mm_dtypes + fused_dtypes == [torch.float32]
         assert cpu_kernels.emulated_bfloat16(got)
     np.testing.assert_allclose(
         ops.convert_to_numpy(ops.cast(got, "float32")),
@@ -195,6 +197,41 @@ def test_modulate_and_gated_residual_follow_their_formulas():
     np.testing.assert_allclose(
         ops.convert_to_numpy(got), x + gate[:, None] * rounded, rtol=1e-6, atol=1e-6
     )
+
+
+def test_silu_and_residual_add_follow_their_formulas():
+    x, update = _normal(2, 3, 4), _normal(2, 3, 4)
+    for overwrite in (False, True):
+        got = fast_ops.silu(ops.convert_to_tensor(x), overwrite=overwrite)
+        expected = x / (1 + np.exp(-x))
+        np.testing.assert_allclose(ops.convert_to_numpy(got), expected, rtol=1e-6)
+    update_bf16 = ops.cast(update, "bfloat16")
+    got = fast_ops.residual_add(ops.convert_to_tensor(x), update_bf16)
+    assert keras.backend.standardize_dtype(got.dtype) == "float32"
+    rounded = ops.convert_to_numpy(ops.cast(update_bf16, "float32"))
+    np.testing.assert_allclose(ops.convert_to_numpy(got), x + rounded, rtol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch writes in place")
+def test_overwriting_is_in_place_only_where_no_gradient_flows():
+    import torch
+
+    with torch.no_grad():
+        x = torch.randn(2, 3)
+        assert fast_ops.silu(x, overwrite=True).data_ptr() == x.data_ptr()
+        update = torch.randn(2, 3)
+        assert fast_ops.residual_add(x, update).data_ptr() == update.data_ptr()
+    # With autograd through them, both allocate and the gradients are right.
+    x = torch.randn(2, 3, requires_grad=True)
+    h = x * 1.0
+    y = fast_ops.silu(h, overwrite=True)
+    assert y.data_ptr() != h.data_ptr()
+    base = torch.randn(2, 3)
+    total = fast_ops.residual_add(base, y)
+    assert total.data_ptr() != y.data_ptr()
+    total.sum().backward()
+    sig = torch.sigmoid(x.detach())
+    torch.testing.assert_close(x.grad, sig * (1 + x.detach() * (1 - sig)))
 
 
 @pytest.mark.parametrize("inference", [False, True])

@@ -119,7 +119,7 @@ class VAEEncoder(keras.layers.Layer):
             if i < len(self.downsamplers):
                 x = self.downsamplers[i](x)
         x = self.mid_block(x)
-        x = conv2d(self.conv_out, silu(self.norm_out(x)))
+        x = conv2d(self.conv_out, silu(self.norm_out(x), overwrite=True))
         if self.quant_conv is not None:
             x = conv2d(self.quant_conv, x)
         return x
@@ -229,7 +229,7 @@ class VAEDecoder(keras.layers.Layer):
                 x = resnet(x)
             if i < len(self.upsamplers):
                 x = self.upsamplers[i](x)
-        return conv2d(self.conv_out, silu(self.norm_out(x)))
+        return conv2d(self.conv_out, silu(self.norm_out(x), overwrite=True))
 
     def get_config(self):
         config = super().get_config()

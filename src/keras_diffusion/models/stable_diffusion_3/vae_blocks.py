@@ -10,7 +10,7 @@ from keras import ops
 from keras_diffusion.api_export import register
 from keras_diffusion.utils.fast_attention import attention
 from keras_diffusion.utils.fast_conv import conv2d, group_norm
-from keras_diffusion.utils.fast_ops import silu
+from keras_diffusion.utils.fast_ops import residual_add, silu
 
 
 def _conv(filters, kernel_size, name, dtype, strides=1, padding="same"):
@@ -126,11 +126,12 @@ class ResnetBlock(keras.layers.Layer):
             self.conv_shortcut.build(in_shape)
 
     def call(self, x):
-        h = conv2d(self.conv1, silu(self.norm1(x)))
-        h = conv2d(self.conv2, silu(self.norm2(h)))
+        # The norms' outputs and the residual branch are temporaries.
+        h = conv2d(self.conv1, silu(self.norm1(x), overwrite=True))
+        h = conv2d(self.conv2, silu(self.norm2(h), overwrite=True))
         if self.conv_shortcut is not None:
             x = conv2d(self.conv_shortcut, x)
-        return x + ops.cast(h, x.dtype)
+        return residual_add(x, h)
 
     def get_config(self):
         config = super().get_config()
