@@ -79,6 +79,41 @@ def test_joint_attention_equals_attention_of_the_concatenation(query_parts):
         np.testing.assert_allclose(ops.convert_to_numpy(got[1]), want[:, 6:], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_last_key_repeats_equal_that_many_copies_of_the_last_key(
+    monkeypatch, dtype, atol
+):
+    # Blocks of 4 queries on jax: the key offsets apply in every block.
+    monkeypatch.setattr(fast_attention, "ATTENTION_QUERY_BLOCK", 4)
+    image, text = _normal(2, 6, 3 * 3 * 8), _normal(2, 3, 3 * 3 * 8)
+    repeated = np.concatenate([text, np.repeat(text[:, -1:], 4, axis=1)], axis=1)
+    reference = [_heads(p, 3, 8) for p in (image, repeated)]
+    q, k, v = (np.concatenate([r[i] for r in reference], axis=1) for i in range(3))
+    want = ops.convert_to_numpy(ops.dot_product_attention(q, k, v)).reshape(2, 13, 24)
+    parts = [
+        fast_attention.split_heads(ops.cast(p, dtype), 3, 8) for p in (image, text)
+    ]
+    image_out, text_out = fast_attention.joint_attention(
+        [p[0] for p in parts],
+        [p[1] for p in parts],
+        [p[2] for p in parts],
+        last_key_repeats=5,
+    )
+    got = [ops.convert_to_numpy(ops.cast(o, "float32")) for o in (image_out, text_out)]
+    np.testing.assert_allclose(got[0], want[:, :6], atol=atol)
+    np.testing.assert_allclose(got[1], want[:, 6:9], atol=atol)
+    # Counted once, the last key weighs less: the check bites.
+    (plain, _) = fast_attention.joint_attention(
+        [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts]
+    )
+    plain = ops.convert_to_numpy(ops.cast(plain, "float32"))
+    assert np.abs(plain - want[:, :6]).max() > 10 * atol
+    with pytest.raises(ValueError, match="last_key_repeats"):
+        fast_attention.joint_attention(
+            [parts[0][0]], [parts[0][1]], [parts[0][2]], last_key_repeats=0
+        )
+
+
 def test_joint_attention_in_a_compiled_function_with_unknown_token_counts():
     # A tensorflow graph may have unknown batch and token axes (Keras' `fit`
     # relaxes shapes on retracing); the group sizes then come from dynamic

@@ -19,6 +19,8 @@ softmax are float32 on every path.
 `benchmarks/attention_speed.py` times `attention` against Keras' op.
 """
 
+import math
+
 import keras  # noqa: F401 (the examples use it)
 from keras import ops
 
@@ -94,7 +96,9 @@ def split_heads(qkv, num_heads, head_dim):
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
-def joint_attention(queries, keys, values, scale=None, causal=False):
+def joint_attention(
+    queries, keys, values, scale=None, causal=False, last_key_repeats=1
+):
     """Attention over token groups joined along the token axis.
 
     `queries`, `keys` and `values` are lists of parts (image tokens, text
@@ -103,6 +107,11 @@ def joint_attention(queries, keys, values, scale=None, causal=False):
     split back into the query groups with their heads merged. Each output
     is one contiguous copy, ready for its projection's matmul. `causal` as
     in `attention`, over the joined tokens.
+
+    `last_key_repeats` (a Python int) counts the last key and value as that
+    many identical copies: `log(repeats)` is added to its score, which
+    gives the softmax of the repeated keys exactly (`MMDiT` collapses the
+    identical zero T5 tokens of a model without T5 this way).
 
     Examples:
 
@@ -114,6 +123,9 @@ def joint_attention(queries, keys, values, scale=None, causal=False):
     ((1, 3, 8), (1, 3, 8))
     """
     scale = _scale(queries[0], scale)
+    repeats = int(last_key_repeats)
+    if repeats < 1:
+        raise ValueError(f"last_key_repeats must be >= 1, got {last_key_repeats}.")
     backend = backend_name()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -121,7 +133,9 @@ def joint_attention(queries, keys, values, scale=None, causal=False):
         def join(parts):
             return tf.concat(parts, axis=2) if len(parts) > 1 else parts[0]
 
-        out = _tf_attend(join(queries), join(keys), join(values), scale, causal)
+        keys = join(keys)
+        bias = _last_key_bias(ops.shape(keys)[2], repeats)
+        out = _tf_attend(join(queries), keys, join(values), scale, causal, bias)
         out = tf.transpose(out, (0, 2, 1, 3))
         sizes = [ops.shape(q)[2] for q in queries]
         if all(isinstance(size, int) for size in sizes):
@@ -130,7 +144,7 @@ def joint_attention(queries, keys, values, scale=None, causal=False):
             merged = tf.reshape(out, (-1, sum(sizes), hidden))
             return tf.split(merged, sizes, axis=1) if len(sizes) > 1 else [merged]
     elif backend == "torch":
-        out = _torch_joint_attend(queries, keys, values, scale, causal)
+        out = _torch_joint_attend(queries, keys, values, scale, causal, repeats)
         # Each part's reshape of the (B, T, heads, head_dim) view copies it.
         parts = out.split([q.shape[1] for q in queries], dim=1)
         return [part.flatten(2) for part in parts]
@@ -139,7 +153,9 @@ def joint_attention(queries, keys, values, scale=None, causal=False):
         def join(parts):
             return ops.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
-        out = _jax_attend(join(queries), join(keys), join(values), scale, causal)
+        keys = join(keys)
+        bias = _last_key_bias(ops.shape(keys)[1], repeats)
+        out = _jax_attend(join(queries), keys, join(values), scale, causal, bias)
         sizes = [ops.shape(q)[1] for q in queries]
     batch, hidden = ops.shape(out)[0], out.shape[2] * out.shape[3]
     outputs, start = [], 0
@@ -160,26 +176,42 @@ def _causal_mask(queries, keys, start=0):
     return ops.expand_dims(ops.arange(keys, dtype="int32"), 0) <= rows
 
 
+def _last_key_bias(keys, repeats, dtype="float32"):
+    """`(keys,)` score offsets: `log(repeats)` on the last key, else 0.
+
+    None where `repeats` is 1 (nothing to add).
+    """
+    if repeats == 1:
+        return None
+    last = ops.arange(keys, dtype="int32") == keys - 1
+    return ops.cast(ops.where(last, math.log(repeats), 0.0), dtype)
+
+
 def _masked(scores, mask):
     # Masked scores get float32's lowest value: their weight underflows to
     # 0, and no row is fully masked (key 0 is always visible).
     return ops.where(mask, scores, ops.cast(-3.4028235e38, "float32"))
 
 
-def _tf_attend(query, key, value, scale, causal=False):
-    """Heads-first `(B, heads, T, head_dim)` attention on tensorflow."""
+def _tf_attend(query, key, value, scale, causal=False, key_bias=None):
+    """Heads-first `(B, heads, T, head_dim)` attention on tensorflow.
+
+    `key_bias`: None or float32 `(keys,)` offsets added to the scores.
+    """
     import tensorflow as tf
 
     dtype = query.dtype
     query = query * tf.cast(scale, dtype)
     scores = tf.cast(tf.matmul(query, key, transpose_b=True), "float32")
+    if key_bias is not None:
+        scores = scores + key_bias
     if causal:
         scores = _masked(scores, _causal_mask(ops.shape(query)[2], ops.shape(key)[2]))
     weights = tf.cast(tf.nn.softmax(scores, axis=-1), value.dtype)
     return tf.cast(tf.matmul(weights, value), dtype)
 
 
-def _torch_joint_attend(queries, keys, values, scale, causal=False):
+def _torch_joint_attend(queries, keys, values, scale, causal=False, repeats=1):
     """Token-major parts in, token-major `(B, T, heads, head_dim)` view out.
 
     The parts are joined in heads-first memory, which torch's fused kernel
@@ -196,33 +228,48 @@ def _torch_joint_attend(queries, keys, values, scale, causal=False):
     dtype = queries[0].dtype
     # Without bfloat16 kernels on this CPU, compute in float32 (`cpu_kernels`).
     work = torch.float32 if emulated_bfloat16(queries[0]) else dtype
+    keys = heads_first(keys).to(work)
+    # The kernel takes an additive mask in the query's dtype (log(77) is
+    # 4.34375 in bfloat16: a 6e-5 relative error in that key's weight).
+    mask = None
+    if repeats > 1:
+        mask = torch.zeros((1, 1, 1, keys.shape[2]), dtype=work, device=keys.device)
+        mask[..., -1] = math.log(repeats)
     out = torch.nn.functional.scaled_dot_product_attention(
         heads_first(queries).to(work),
-        heads_first(keys).to(work),
+        keys,
         heads_first(values).to(work),
+        attn_mask=mask,
         scale=scale,
         is_causal=causal,
     )
     return out.to(dtype).transpose(1, 2)
 
 
-def _jax_attend(query, key, value, scale, causal=False):
-    """Token-major attention in blocks of `ATTENTION_QUERY_BLOCK` queries."""
+def _jax_attend(query, key, value, scale, causal=False, key_bias=None):
+    """Token-major attention in blocks of `ATTENTION_QUERY_BLOCK` queries.
+
+    `key_bias`: None or float32 `(keys,)` offsets added to the scores.
+    """
     dtype = query.dtype
     query = ops.multiply(query, ops.cast(scale, dtype))
     tokens = query.shape[1]
     block = ATTENTION_QUERY_BLOCK
     if not isinstance(tokens, int) or tokens <= block:
-        return _attend_block(query, key, value, dtype, causal)
+        return _attend_block(query, key, value, dtype, causal, key_bias=key_bias)
     blocks = [
-        _attend_block(query[:, start : start + block], key, value, dtype, causal, start)
+        _attend_block(
+            query[:, start : start + block], key, value, dtype, causal, start, key_bias
+        )
         for start in range(0, tokens, block)
     ]
     return ops.concatenate(blocks, axis=1)
 
 
-def _attend_block(query, key, value, dtype, causal=False, start=0):
+def _attend_block(query, key, value, dtype, causal=False, start=0, key_bias=None):
     scores = ops.cast(ops.einsum("bqhd,bkhd->bhqk", query, key), "float32")
+    if key_bias is not None:
+        scores = scores + key_bias
     if causal:
         scores = _masked(
             scores, _causal_mask(ops.shape(query)[1], ops.shape(key)[1], start)

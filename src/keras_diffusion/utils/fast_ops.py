@@ -66,9 +66,9 @@ def cast(x, dtype):
     return ops.cast(x, dtype)
 
 
-def call_layer(layer, *args):
-    """`layer(*args)`; on torch its `call` directly, for a built layer and
-    tensor arguments.
+def call_layer(layer, *args, **options):
+    """`layer(*args, **options)`; on torch its `call` directly, for a built
+    layer and tensor `args` (`options` are Python values, passed through).
 
     Keras' `Layer.__call__` costs ~100 us on torch (argument binding, scopes,
     masks, torch's module hooks), against ~30 for a small layer's `call`
@@ -90,8 +90,8 @@ def call_layer(layer, *args):
         import torch
 
         if all(isinstance(a, torch.Tensor) for a in args):
-            return layer.call(*args)
-    return layer(*args)
+            return layer.call(*args, **options)
+    return layer(*args, **options)
 
 
 def chunks(x, count):

@@ -38,6 +38,12 @@ class MMDiT(keras.layers.Layer):
     `pos_embed.pos_embed` buffer); it is cropped around its centre to the
     latent's patch grid.
 
+    Identical trailing text tokens (the zeros that stand in for T5 in a
+    model without it) stay identical through every block, so they can be
+    passed once: `last_token_repeats=n` counts the context's last token as
+    `n` copies, which attention weighs by `log(n)`. The output is the same
+    as with the `n` tokens, for a fraction of the text stream's work.
+
     Precision: the token streams are carried in float32; the projections run
     in the compute dtype; norms, softmax, the timestep and pooled embedding
     MLPs and the AdaLN modulation run in float32 (the modulation weights are
@@ -217,7 +223,15 @@ class MMDiT(keras.layers.Layer):
         """
         return ops.cast(linear(self.context_embedding, context), "float32")
 
-    def call(self, latents, context, pooled, timestep, context_embedded=False):
+    def call(
+        self,
+        latents,
+        context,
+        pooled,
+        timestep,
+        context_embedded=False,
+        last_token_repeats=1,
+    ):
         p = self.patch_size
         shape = ops.shape(latents)
         batch = shape[0]
@@ -237,11 +251,12 @@ class MMDiT(keras.layers.Layer):
 
         if not context_embedded:
             context = self.embed_context(context)
+        repeats = {"last_token_repeats": int(last_token_repeats)}
         for block in self.blocks:
             if block.context_pre_only:
-                x = call_layer(block, x, context, conditioning)
+                x = call_layer(block, x, context, conditioning, **repeats)
             else:
-                x, context = call_layer(block, x, context, conditioning)
+                x, context = call_layer(block, x, context, conditioning, **repeats)
 
         scale, shift = chunks(call_layer(self.output_modulation, conditioning), 2)
         x = norm_modulate(x, shift, scale, self.compute_dtype)
@@ -258,6 +273,7 @@ class MMDiT(keras.layers.Layer):
         pooled_shape=None,
         timestep_shape=None,
         context_embedded=False,
+        last_token_repeats=1,
     ):
         return tuple(latents_shape)
 

@@ -173,6 +173,9 @@ class MMDiTBlock(keras.layers.Layer):
     block: its text stream is modulated by a 2-chunk continuous AdaLN
     `(scale, shift)` and only serves as keys and values).
 
+    `last_token_repeats` (a Python int) counts the last text token as that
+    many identical tokens (see `MMDiT`).
+
     Args:
         hidden_dim: int. Width of both streams.
         num_heads: int. Attention heads; must divide `hidden_dim`.
@@ -305,7 +308,7 @@ class MMDiTBlock(keras.layers.Layer):
             k = cast(call_layer(key_norm, cast(k, f32)), dtype)
         return q, k, v
 
-    def call(self, x, context, conditioning):
+    def call(self, x, context, conditioning, last_token_repeats=1):
         f32 = "float32"
         x = cast(x, f32)
         context = cast(context, f32)
@@ -335,7 +338,9 @@ class MMDiTBlock(keras.layers.Layer):
         # Joint attention over [image tokens; text tokens]. A pre-only block
         # drops its text outputs, so only image queries are computed.
         queries = [qx] if self.context_pre_only else [qx, qc]
-        attention = joint_attention(queries, [kx, kc], [vx, vc])
+        attention = joint_attention(
+            queries, [kx, kc], [vx, vc], last_key_repeats=last_token_repeats
+        )
         x_attention = linear(self.x_attention_output, attention[0])
         x_input = x
         x = gated_residual(x, gate_msa, x_attention)

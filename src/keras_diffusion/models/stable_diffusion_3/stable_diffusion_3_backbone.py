@@ -188,19 +188,27 @@ class StableDiffusion3Backbone(Backbone):
         guidance_scale,
         cfg,
         context_embedded=False,
+        last_token_repeats=1,
     ):
         """One MMDiT evaluation at `sigma`, with classifier-free guidance.
 
         With `cfg`, `context`/`pooled` hold [negative; positive] halves and
         both run as one batch: v = v_neg + g·(v_pos − v_neg). A sampling loop
-        passes `mmdit.embed_context(context)` once, with `context_embedded`.
+        passes `mmdit.embed_context(context)` once, with `context_embedded`,
+        and a context whose identical zero tail is one token standing for
+        `last_token_repeats` (see `MMDiT`).
         """
         x = ops.concatenate([latents, latents], axis=0) if cfg else latents
         batch = ops.shape(x)[0]
         timestep = ops.full((batch,), 1000.0, "float32") * ops.cast(sigma, "float32")
         x = ops.cast(x, self.compute_dtype)
         velocity = self.mmdit(
-            x, context, pooled, timestep, context_embedded=context_embedded
+            x,
+            context,
+            pooled,
+            timestep,
+            context_embedded=context_embedded,
+            last_token_repeats=last_token_repeats,
         )
         velocity = ops.cast(velocity, "float32")
         if not cfg:

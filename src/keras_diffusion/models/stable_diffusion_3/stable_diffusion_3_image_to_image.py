@@ -110,7 +110,17 @@ class StableDiffusion3ImageToImage(ImageToImage):
         )
         args = [ids["clip_l"], ids["clip_g"]] + ([ids["t5"]] if has_t5 else [])
         context, pooled = encode(*[distribute_batch(a) for a in args])
-        return {"context": context, "pooled": pooled, "cfg": use_guidance}
+        # Without T5 the context ends in T5's length of zero tokens, which
+        # stay identical in the MMDiT: it runs them as one (`MMDiT`).
+        zeros = 0 if has_t5 else self.backbone.t5_sequence_length
+        if zeros > 1:
+            context = context[:, : context.shape[1] - zeros + 1]
+        return {
+            "context": context,
+            "pooled": pooled,
+            "cfg": use_guidance,
+            "last_token_repeats": max(zeros, 1),
+        }
 
     def encode_image(self, images, posterior_noise):
         def fn(images, noise):
@@ -131,6 +141,7 @@ class StableDiffusion3ImageToImage(ImageToImage):
         )
         padded[: len(sigmas)] = sigmas
         cfg = conditioning["cfg"]
+        repeats = conditioning["last_token_repeats"]
         args = dict(
             context=distribute_batch(conditioning["context"]),
             pooled=distribute_batch(conditioning["pooled"]),
@@ -141,9 +152,11 @@ class StableDiffusion3ImageToImage(ImageToImage):
         noise = distribute_batch(ops.convert_to_tensor(noise, "float32"))
         if settings.verbose or settings.callback is not None:
             return self._denoise_stepwise(
-                latents, noise, start_index, num_steps, cfg, args, settings
+                latents, noise, start_index, num_steps, (cfg, repeats), args, settings
             )
-        loop = self._function(("denoise_loop", cfg), self._loop_fn(cfg))
+        loop = self._function(
+            ("denoise_loop", cfg, repeats), self._loop_fn(cfg, repeats)
+        )
         return loop(
             latents,
             noise,
@@ -155,8 +168,9 @@ class StableDiffusion3ImageToImage(ImageToImage):
             args["guidance"],
         )
 
-    def _loop_fn(self, cfg):
+    def _loop_fn(self, cfg, repeats):
         backbone = self.backbone
+        options = dict(context_embedded=True, last_token_repeats=repeats)
 
         def loop(x0, noise, context, pooled, sigmas, start, end, guidance):
             x = flow_match.add_noise(x0, noise, ops.take(sigmas, start))
@@ -166,7 +180,7 @@ class StableDiffusion3ImageToImage(ImageToImage):
                 sigma = ops.take(sigmas, i)
                 sigma_next = ops.take(sigmas, i + 1)
                 v = backbone.guided_velocity(
-                    x, tokens, pooled, sigma, guidance, cfg, context_embedded=True
+                    x, tokens, pooled, sigma, guidance, cfg, **options
                 )
                 return flow_match.euler_step(x, v, sigma, sigma_next)
 
@@ -174,14 +188,17 @@ class StableDiffusion3ImageToImage(ImageToImage):
 
         return loop
 
-    def _denoise_stepwise(self, latents, noise, start, num_steps, cfg, args, settings):
+    def _denoise_stepwise(self, latents, noise, start, num_steps, key, args, settings):
         backbone = self.backbone
+        cfg, repeats = key
 
         def step(x, context, pooled, sigma, sigma_next, guidance):
-            v = backbone.guided_velocity(x, context, pooled, sigma, guidance, cfg)
+            v = backbone.guided_velocity(
+                x, context, pooled, sigma, guidance, cfg, last_token_repeats=repeats
+            )
             return flow_match.euler_step(x, v, sigma, sigma_next)
 
-        step_fn = self._function(("denoise_step", cfg), step)
+        step_fn = self._function(("denoise_step", cfg, repeats), step)
         sigmas = args["sigmas"]
         x = flow_match.add_noise(latents, noise, ops.take(sigmas, start))
         progress = keras.utils.Progbar(num_steps - start) if settings.verbose else None
