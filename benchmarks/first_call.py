@@ -2,6 +2,7 @@
 
     python benchmarks/img2img_speed.py --config bench   # prepares the models once
     KERAS_BACKEND=tensorflow python benchmarks/first_call.py [--steps 6 2 2 6]
+        [--dtype bfloat16]
 
 In this fresh process: the import and `from_preset` times, then one line per
 `generate` call (`--steps` gives each call's `num_steps`) with its total and
@@ -53,6 +54,7 @@ def main():
         "--steps", type=int, nargs="+", default=[LONG, SHORT, SHORT, LONG]
     )
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
 
     import keras
@@ -61,7 +63,7 @@ def main():
     import keras_diffusion as kd
 
     imported = time.perf_counter()
-    task = kd.models.ImageToImage.from_preset(args.folder)
+    task = kd.models.ImageToImage.from_preset(args.folder, dtype=args.dtype)
     loaded = time.perf_counter()
     print(
         f"{keras.backend.backend()}: import keras {imported_keras - START:.2f} s, "
