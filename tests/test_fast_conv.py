@@ -81,6 +81,22 @@ def test_group_norm_matches_numpy_on_large_offset_activations():
     )
 
 
+def test_half_precision_group_norm_is_accurate_and_on_torch_keeps_its_dtype():
+    # A bfloat16 VAE activation far from zero: the statistics are float32
+    # arithmetic (centred on a bfloat16 mean), so the result is as good as
+    # bfloat16 output allows, measured against float64 on the same input.
+    x = ops.cast(_normal(2, 6, 5, 8) * 3.0 + 100.0, "bfloat16")
+    gamma, beta = _normal(8), _normal(8)
+    out = fast_conv.group_norm(x, 4, gamma, beta, 1e-6)
+    expected_dtype = "bfloat16" if keras.backend.backend() == "torch" else "float32"
+    assert keras.backend.standardize_dtype(out.dtype) == expected_dtype
+    rounded = ops.convert_to_numpy(ops.cast(x, "float32"))
+    want = _group_norm_reference(rounded, 4, gamma, beta, 1e-6)
+    got = ops.convert_to_numpy(ops.cast(out, "float32"))
+    np.testing.assert_allclose(got, want, atol=3e-2, rtol=1e-2)
+    assert np.abs(want).max() > 1.0  # a real normalisation, not all zeros
+
+
 def test_group_norm_in_a_tensorflow_graph_with_unknown_shapes_and_gradients():
     # tensorflow's per-channel means are a matmul with a 1/n row whose
     # length must come from the dynamic pixel count.

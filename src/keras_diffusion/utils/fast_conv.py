@@ -94,6 +94,10 @@ def group_norm(x, groups, gamma, beta, epsilon):
     The statistics take two passes (mean, then the mean squared deviation),
     accurate for the large activations of VAE decoders; on torch the second
     pass and the affine map are its native kernel, run on the centred input.
+    On torch a half-precision `x` keeps its dtype: the statistics and the
+    affine map are still float32 arithmetic, but no float32 copy of a VAE's
+    largest tensors is made (three of them were alive at once), and the
+    output comes back in `x`'s dtype, which the next convolution reads.
 
     Examples:
 
@@ -103,19 +107,23 @@ def group_norm(x, groups, gamma, beta, epsilon):
     >>> bool(abs(float(keras.ops.mean(out))) < 1e-5)
     True
     """
-    x = ops.cast(x, "float32")
     shape = ops.shape(x)
     channels = x.shape[-1]
     if backend_name() == "torch" and len(shape) == 4:
         import torch
 
-        # Group means from per-channel means (a contiguous reduction). torch's
-        # channels-last kernel takes one-pass moments, which lose the variance
-        # of far-from-zero groups; on the centred input they do not.
-        channel_mean = torch.mean(x, dim=(1, 2))
+        # Group means from per-channel means (a contiguous reduction, summed
+        # in float32). torch's channels-last kernel takes one-pass moments,
+        # which lose the variance of far-from-zero groups; on the centred
+        # input they do not (a half-precision mean leaves at most 2**-9 of
+        # it). The kernel accumulates in float32 for half-precision inputs.
+        x = ops.convert_to_tensor(x)
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            x = x.float()
+        channel_mean = torch.mean(x, dim=(1, 2), dtype=torch.float32)
         group_mean = channel_mean.reshape(shape[0], groups, -1).mean(-1, keepdim=True)
         group_mean = group_mean.expand(-1, -1, channels // groups)
-        centred = x - group_mean.reshape(shape[0], 1, 1, channels)
+        centred = x - group_mean.reshape(shape[0], 1, 1, channels).to(x.dtype)
         out = torch.nn.functional.group_norm(
             centred.permute(0, 3, 1, 2),
             groups,
@@ -124,6 +132,7 @@ def group_norm(x, groups, gamma, beta, epsilon):
             epsilon,
         )
         return out.permute(0, 2, 3, 1)
+    x = ops.cast(x, "float32")
     if backend_name() == "tensorflow":
         gamma, beta = cast(gamma, "float32"), cast(beta, "float32")
         return _tf_group_norm(x, groups, gamma, beta, epsilon)

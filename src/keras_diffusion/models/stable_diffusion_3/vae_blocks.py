@@ -26,11 +26,13 @@ def _conv(filters, kernel_size, name, dtype, strides=1, padding="same"):
 
 @register
 class GroupNorm(keras.layers.Layer):
-    """Group normalization over the last axis, always in float32.
+    """Group normalization over the last axis, in float32 arithmetic.
 
     Statistics are computed in two passes (mean, then the mean squared
     deviation), which stays accurate for the large activations of VAE
-    decoders. Weights: `gamma` and `beta`, shape `(channels,)`.
+    decoders. Weights: `gamma` and `beta`, shape `(channels,)`, float32.
+    The output is float32, except on torch for a half-precision input,
+    which it keeps (`fast_conv.group_norm`).
 
     Args:
         groups: int, the number of channel groups; must divide the channels.
@@ -46,7 +48,9 @@ class GroupNorm(keras.layers.Layer):
 
     def __init__(self, groups=32, epsilon=1e-6, **kwargs):
         kwargs["dtype"] = "float32"
-        super().__init__(**kwargs)
+        # Inputs are not autocast: `group_norm` casts them itself, and on
+        # torch reads a half-precision input without a float32 copy.
+        super().__init__(autocast=False, **kwargs)
         self.groups = groups
         self.epsilon = epsilon
 
