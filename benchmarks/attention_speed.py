@@ -9,6 +9,11 @@ attention, and ours (`keras_diffusion.utils.fast_attention.attention`: blocks of
 queries on jax, heads-first batched matmuls on tensorflow, torch's fused
 kernel on torch). Prints the best
 of `--repeats` runs, interleaved, and the max abs difference to Keras' op.
+
+`--last-key-repeats N` also times `fast_attention.joint_attention` with its
+last key counted N times (a model without T5: `--tokens 1102
+--last-key-repeats 77` is `bench`'s 1024 + 77 + 1 tokens), against the same
+call without the count and on the N - 1 copies written out.
 """
 
 import argparse
@@ -48,6 +53,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=1178)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--last-key-repeats", type=int, default=1)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     shape = (2, args.tokens, args.heads, 64)
@@ -59,15 +65,46 @@ def main():
         "plain einsum": compiled(plain_einsum),
         "ours (fast_attention.attention)": compiled(fast_attention.attention),
     }
+    inputs = {name: (q, k, v) for name in variants}
     reference = ops.convert_to_numpy(variants["ops.dot_product_attention"](q, k, v))
+    references = {name: reference for name in variants}
+    repeats = args.last_key_repeats
+    if repeats > 1:
+        # The fused q/k/v layout `joint_attention` reads on each backend.
+        def fused(q, k, v):
+            return ops.reshape(
+                ops.stack([q, k, v], axis=2), (2, -1, 3 * 64 * args.heads)
+            )
+
+        def joint(qkv, repeats=1):
+            parts = fast_attention.split_heads(qkv, args.heads, 64)
+            return fast_attention.joint_attention(
+                [parts[0]], [parts[1]], [parts[2]], last_key_repeats=repeats
+            )[0]
+
+        copies = [ops.repeat(t[:, -1:], repeats - 1, axis=1) for t in (q, k, v)]
+        full = [ops.concatenate([t, c], axis=1) for t, c in zip((q, k, v), copies)]
+        expected = ops.convert_to_numpy(ops.dot_product_attention(*full))
+        expected = expected.reshape(2, -1, 64 * args.heads)
+        tag = f"joint_attention, last key x{repeats}"
+        variants[tag] = compiled(lambda qkv: joint(qkv, repeats))
+        variants["joint_attention, same tokens"] = compiled(joint)
+        variants[f"joint_attention, {repeats - 1} copies"] = compiled(joint)
+        inputs[tag] = inputs["joint_attention, same tokens"] = (fused(q, k, v),)
+        inputs[f"joint_attention, {repeats - 1} copies"] = (fused(*full),)
+        references[tag] = expected[:, : args.tokens]
+        references["joint_attention, same tokens"] = None
+        references[f"joint_attention, {repeats - 1} copies"] = expected
     best = {}
     for name, fn in variants.items():
-        out = ops.convert_to_numpy(fn(q, k, v))  # compile
-        best[name] = (float("inf"), float(np.abs(out - reference).max()))
+        out = ops.convert_to_numpy(fn(*inputs[name]))  # compile
+        want = references[name]
+        diff = float("nan") if want is None else float(np.abs(out - want).max())
+        best[name] = (float("inf"), diff)
     for _ in range(args.repeats):
         for name, fn in variants.items():
             start = time.perf_counter()
-            ops.convert_to_numpy(fn(q, k, v))
+            ops.convert_to_numpy(fn(*inputs[name]))
             seconds = time.perf_counter() - start
             best[name] = (min(best[name][0], seconds), best[name][1])
     base = best["ops.dot_product_attention"][0]
