@@ -1,7 +1,8 @@
-"""Peak resident memory of one img2img call, phase by phase (torch).
+"""Peak resident memory of one img2img call, phase by phase.
 
     python benchmarks/img2img_speed.py --config bench   # prepares the models once
     python benchmarks/rss_phases.py [--system ours|diffusers] [--dtype bfloat16]
+        [--backend jax|tensorflow|torch]
 
 A sampling thread reads the process's resident set every 2 ms. For ours it
 records the peak within each phase of the task (text encoding, image
@@ -17,7 +18,16 @@ import sys
 import threading
 import time
 
-os.environ["KERAS_BACKEND"] = "torch"
+
+def _backend_from_argv():
+    # The backend is fixed at Keras's import, which img2img_speed does.
+    for flag, value in zip(sys.argv, sys.argv[1:]):
+        if flag == "--backend":
+            return value
+    return "torch"
+
+
+os.environ["KERAS_BACKEND"] = _backend_from_argv()
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.join(os.path.dirname(HERE), "src"))
@@ -35,7 +45,12 @@ def main():
     parser.add_argument("--system", default="ours", choices=("ours", "diffusers"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--folder", default="/tmp/kd-speed-bench")
+    parser.add_argument(
+        "--backend", default="torch", choices=("jax", "tensorflow", "torch")
+    )
     args = parser.parse_args()
+    if args.system == "diffusers" and args.backend != "torch":
+        parser.error("--system diffusers runs on torch only")
 
     phase, peaks = ["import"], {}
 
@@ -92,7 +107,8 @@ def main():
     run(6)
     time.sleep(0.05)
     listed = ", ".join(f"{name} {value / 1e9:.3f}" for name, value in peaks.items())
-    print(f"{args.system}, torch, {args.dtype}: peak RSS GB by phase: {listed}")
+    label = f"{args.system}, {args.backend}, {args.dtype}"
+    print(f"{label}: peak RSS GB by phase: {listed}")
 
 
 if __name__ == "__main__":
