@@ -38,6 +38,43 @@ def test_conv2d_output_is_channels_last_and_contiguous():
         assert out.is_contiguous()
 
 
+@pytest.mark.parametrize(
+    "kernel_size, padding, bias",
+    [(3, "same", True), (3, "same", False), (1, "same", True), (3, "valid", True)],
+)
+def test_upsample_conv2d_equals_the_layer_on_the_upsampled_input(
+    kernel_size, padding, bias
+):
+    # 3x3 "same" runs as the phase-split 2x2 convolution; others fall back.
+    layer = keras.layers.Conv2D(6, kernel_size, padding=padding, use_bias=bias)
+    x = _normal(2, 5, 7, 3)
+    layer.build((None, None, None, 3))
+    layer.kernel.assign(_normal(*layer.kernel.shape))
+    if bias:
+        layer.bias.assign(_normal(6))
+    up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+    got = ops.convert_to_numpy(fast_conv.upsample_conv2d(layer, x))
+    want = ops.convert_to_numpy(layer(up))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_upsample_conv2d_traces_with_unknown_spatial_sizes():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("unknown static shapes exist in tensorflow graphs only")
+    import tensorflow as tf
+
+    layer = keras.layers.Conv2D(4, 3, padding="same")
+    layer.build((None, None, None, 2))
+    fn = tf.function(
+        lambda x: fast_conv.upsample_conv2d(layer, x),
+        input_signature=[tf.TensorSpec((None, None, None, 2), "float32")],
+    )
+    x = _normal(1, 3, 4, 2)
+    up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+    np.testing.assert_allclose(fn(x).numpy(), layer(up).numpy(), atol=1e-5)
+
+
 def test_bfloat16_conv2d_without_bfloat16_kernels_runs_in_float32(
     monkeypatch, record_dtypes
 ):

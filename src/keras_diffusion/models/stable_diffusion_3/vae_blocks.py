@@ -9,7 +9,7 @@ from keras import ops
 
 from keras_diffusion.api_export import register
 from keras_diffusion.utils.fast_attention import attention
-from keras_diffusion.utils.fast_conv import conv2d, group_norm
+from keras_diffusion.utils.fast_conv import conv2d, group_norm, upsample_conv2d
 from keras_diffusion.utils.fast_ops import residual_add, silu
 
 
@@ -276,8 +276,7 @@ class Upsample(keras.layers.Layer):
         self.conv.build((None, None, None, self.channels))
 
     def call(self, x):
-        x = ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
-        return conv2d(self.conv, x)
+        return upsample_conv2d(self.conv, x)
 
     def get_config(self):
         config = super().get_config()
