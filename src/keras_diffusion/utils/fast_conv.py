@@ -50,9 +50,8 @@ def conv2d(layer, inputs):
     # torch's "same" padding is symmetric: stride 1 and odd kernels only.
     odd_same = strides == (1, 1) and all(k % 2 for k in kernel_size)
     backend = backend_name()
-    if not _plain(layer) or (backend == "torch" and same and not odd_same):
-        return layer(inputs)
-    if backend == "jax":
+    torch_unsafe = backend == "torch" and same and not odd_same
+    if backend == "jax" or not _plain(layer) or torch_unsafe:
         return layer(inputs)
     return _convolve(inputs, layer.kernel, layer.bias, layer, strides)
 
