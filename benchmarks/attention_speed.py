@@ -1,6 +1,7 @@
 """Attention on CPU: `ops.dot_product_attention` vs `utils.fast_attention.attention`.
 
     KERAS_BACKEND=jax python benchmarks/attention_speed.py [--tokens 1178]
+        [--last-key-repeats 77] [--dtype bfloat16]
 
 Times, compiled (jax.jit / tf.function; torch eager), the attention of one
 `bench` MMDiT block with guidance (batch 2, 6 heads of 64, 1,024 image plus
@@ -54,11 +55,12 @@ def main():
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--last-key-repeats", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     shape = (2, args.tokens, args.heads, 64)
     q, k, v = (
-        ops.convert_to_tensor(rng.standard_normal(shape, "float32")) for _ in "qkv"
+        ops.cast(rng.standard_normal(shape, "float32"), args.dtype) for _ in "qkv"
     )
     variants = {
         "ops.dot_product_attention": compiled(ops.dot_product_attention),
@@ -66,7 +68,10 @@ def main():
         "ours (fast_attention.attention)": compiled(fast_attention.attention),
     }
     inputs = {name: (q, k, v) for name in variants}
-    reference = ops.convert_to_numpy(variants["ops.dot_product_attention"](q, k, v))
+    # References in float32 from the (rounded) inputs.
+    reference = ops.convert_to_numpy(
+        ops.dot_product_attention(*(ops.cast(t, "float32") for t in (q, k, v)))
+    )
     references = {name: reference for name in variants}
     repeats = args.last_key_repeats
     if repeats > 1:
@@ -84,7 +89,9 @@ def main():
 
         copies = [ops.repeat(t[:, -1:], repeats - 1, axis=1) for t in (q, k, v)]
         full = [ops.concatenate([t, c], axis=1) for t, c in zip((q, k, v), copies)]
-        expected = ops.convert_to_numpy(ops.dot_product_attention(*full))
+        expected = ops.convert_to_numpy(
+            ops.dot_product_attention(*(ops.cast(t, "float32") for t in full))
+        )
         expected = expected.reshape(2, -1, 64 * args.heads)
         tag = f"joint_attention, last key x{repeats}"
         variants[tag] = compiled(lambda qkv: joint(qkv, repeats))
@@ -97,7 +104,7 @@ def main():
         references[f"joint_attention, {repeats - 1} copies"] = expected
     best = {}
     for name, fn in variants.items():
-        out = ops.convert_to_numpy(fn(*inputs[name]))  # compile
+        out = ops.convert_to_numpy(ops.cast(fn(*inputs[name]), "float32"))  # compile
         want = references[name]
         diff = float("nan") if want is None else float(np.abs(out - want).max())
         best[name] = (float("inf"), diff)
@@ -108,7 +115,7 @@ def main():
             seconds = time.perf_counter() - start
             best[name] = (min(best[name][0], seconds), best[name][1])
     base = best["ops.dot_product_attention"][0]
-    print(f"{keras.config.backend()}, q/k/v {shape}:")
+    print(f"{keras.config.backend()}, {args.dtype} q/k/v {shape}:")
     for name, (seconds, diff) in best.items():
         # "same tokens" drops the count, so no reference gives its numbers.
         shown = "n/a (other math)" if np.isnan(diff) else f"{diff:.1e}"

@@ -1,8 +1,9 @@
-"""Which torch CPU kernel pays on this CPU.
+"""Which CPU kernel pays on this CPU.
 
 The fast paths (`fast_ops`, `fast_attention`, `fast_conv`) ask these
 questions of torch's CPU build (its CPU capability and oneDNN's bfloat16
-support) instead of assuming one machine: what won on an AVX-512 Xeon with
+support), and of tensorflow's (whether its oneDNN kernels run), instead of
+assuming one machine: what won on an AVX-512 Xeon with
 AMX lost, or did not run at all, on an AVX2 EPYC (Zen 3). The answers are
 cached per process; tests patch `cpu_has_avx512` and `onednn_has_bfloat16`
 to take the other machine's paths.
@@ -110,3 +111,21 @@ def cpu_has_avx512():
     return torch.backends.mkldnn.is_available() and (
         torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     )
+
+
+@functools.cache
+def onednn_bfloat16_softmax():
+    """Whether tensorflow's softmax of bfloat16 scores is oneDNN's, which
+    computes in float32 and rounds once: tensorflow's oneDNN kernels are on
+    (`TF_ENABLE_ONEDNN_OPTS`, on by default on x86) and no GPU is visible
+    (whose kernels promise no such thing). Else `fast_attention` upcasts.
+    """
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:  # a private module; without it, the safe path
+        return False
+    return bool(
+        _pywrap_util_port.IsMklEnabled()
+    ) and not tf.config.list_logical_devices("GPU")

@@ -25,7 +25,7 @@ import keras  # noqa: F401 (the examples use it)
 from keras import ops
 
 from keras_diffusion.utils.backend import backend_name
-from keras_diffusion.utils.cpu_kernels import emulated_bfloat16
+from keras_diffusion.utils.cpu_kernels import emulated_bfloat16, onednn_bfloat16_softmax
 from keras_diffusion.utils.fast_ops import cast
 
 # Queries per block of `attention` on jax (see there).
@@ -109,9 +109,11 @@ def joint_attention(
     in `attention`, over the joined tokens.
 
     `last_key_repeats` (a Python int) counts the last key and value as that
-    many identical copies: `log(repeats)` is added to its score, which
-    gives the softmax of the repeated keys exactly (`MMDiT` collapses the
-    identical zero T5 tokens of a model without T5 this way).
+    many identical copies, exactly as their softmax weighs them (`MMDiT`
+    collapses the identical zero T5 tokens of a model without T5 this way):
+    on torch `log(repeats)` is added to the last key's score; on jax and
+    tensorflow the last value is scaled by `repeats` and the softmax's
+    normalization counts the last weight `repeats` times.
 
     Examples:
 
@@ -133,9 +135,9 @@ def joint_attention(
         def join(parts):
             return tf.concat(parts, axis=2) if len(parts) > 1 else parts[0]
 
-        keys = join(keys)
-        bias = _last_key_bias(ops.shape(keys)[2], repeats)
-        out = _tf_attend(join(queries), keys, join(values), scale, causal, bias)
+        out = _tf_attend(
+            join(queries), join(keys), join(values), scale, causal, repeats
+        )
         out = tf.transpose(out, (0, 2, 1, 3))
         sizes = [ops.shape(q)[2] for q in queries]
         if all(isinstance(size, int) for size in sizes):
@@ -176,39 +178,55 @@ def _causal_mask(queries, keys, start=0):
     return ops.expand_dims(ops.arange(keys, dtype="int32"), 0) <= rows
 
 
-def _last_key_bias(keys, repeats, dtype="float32"):
-    """`(keys,)` score offsets: `log(repeats)` on the last key, else 0.
-
-    None where `repeats` is 1 (nothing to add).
-    """
-    if repeats == 1:
-        return None
-    last = ops.arange(keys, dtype="int32") == keys - 1
-    return ops.cast(ops.where(last, math.log(repeats), 0.0), dtype)
-
-
 def _masked(scores, mask):
     # Masked scores get float32's lowest value: their weight underflows to
     # 0, and no row is fully masked (key 0 is always visible).
     return ops.where(mask, scores, ops.cast(-3.4028235e38, "float32"))
 
 
-def _tf_attend(query, key, value, scale, causal=False, key_bias=None):
+def _tf_attend(query, key, value, scale, causal=False, repeats=1):
     """Heads-first `(B, heads, T, head_dim)` attention on tensorflow.
 
-    `key_bias`: None or float32 `(keys,)` offsets added to the scores.
+    `repeats` counts the last key and value that many times. The softmax
+    runs on the plain scores, and the output is corrected after: with `w`
+    the last key's weight, the repeated keys' softmax is the plain one
+    divided by `1 + (repeats - 1) * w`, the last weight times `repeats`. So
+    the value's last row is scaled by `repeats` and the output divided by
+    that sum, work on `(B, heads, T, head_dim)` tensors instead of a pass
+    that adds `log(repeats)` to the `(B, heads, T, T)` scores.
     """
     import tensorflow as tf
 
     dtype = query.dtype
     query = query * tf.cast(scale, dtype)
-    scores = tf.cast(tf.matmul(query, key, transpose_b=True), "float32")
-    if key_bias is not None:
-        scores = scores + key_bias
+    scores = tf.matmul(query, key, transpose_b=True)
     if causal:
+        scores = tf.cast(scores, "float32")
         scores = _masked(scores, _causal_mask(ops.shape(query)[2], ops.shape(key)[2]))
-    weights = tf.cast(tf.nn.softmax(scores, axis=-1), value.dtype)
-    return tf.cast(tf.matmul(weights, value), dtype)
+    weights = tf.cast(_tf_softmax(scores), value.dtype)
+    if repeats > 1:
+        last = tf.cast(tf.cast(value[:, :, -1:], "float32") * repeats, value.dtype)
+        value = tf.concat([value[:, :, :-1], last], axis=2)
+        total = 1.0 + (repeats - 1) * tf.cast(weights[:, :, :, -1:], "float32")
+    out = tf.matmul(weights, value)
+    if repeats > 1:
+        out = tf.cast(out, "float32") / total
+    return tf.cast(out, dtype)
+
+
+def _tf_softmax(scores):
+    """Softmax over the last axis in float32 arithmetic, in `scores`' dtype.
+
+    oneDNN's bfloat16 softmax computes in float32 and rounds once: the same
+    numbers as a float32 softmax of the upcast scores, rounded (bit for bit
+    in tests/test_fast_attention.py), without the two casts, which cost as
+    much as the softmax on `bench`. Elsewhere the scores are upcast.
+    """
+    import tensorflow as tf
+
+    if scores.dtype == tf.bfloat16 and onednn_bfloat16_softmax():
+        return tf.nn.softmax(scores, axis=-1)
+    return tf.cast(tf.nn.softmax(tf.cast(scores, "float32"), axis=-1), scores.dtype)
 
 
 def _torch_joint_attend(queries, keys, values, scale, causal=False, repeats=1):
