@@ -1,8 +1,9 @@
 """The fastest CPU path of softmax attention, per backend.
 
 Model code calls these instead of `ops.dot_product_attention`; the results
-agree with it to float rounding (tests/test_fast_attention.py). Scores and
-softmax are float32 on every path.
+agree with it to float rounding (tests/test_fast_attention.py). The softmax
+is float32 arithmetic on every path (on tensorflow, bfloat16 scores in and
+weights out where oneDNN computes it: `_tf_softmax`).
 
 - torch: its fused `scaled_dot_product_attention`, fed heads-first memory
   (in float32 for bfloat16 inputs on a CPU without bfloat16 kernels:
