@@ -6,9 +6,23 @@ The environment is set before either client is imported.
 """
 
 import os
+import shutil
 import tempfile
+import uuid
 
-_HUB_ROOT = tempfile.mkdtemp(prefix="kd-test-hubs-")
+# Everything a run writes lives under one folder, removed when the run ends.
+# xdist workers get the controller's run id (`pytest_configure` below), so the
+# controller removes their folders too.
+_IS_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+
+
+def _run_root(run_id):
+    return os.path.join(tempfile.gettempdir(), f"kd-test-{run_id}")
+
+
+os.makedirs(_run_root(_RUN), exist_ok=True)
+_HUB_ROOT = tempfile.mkdtemp(prefix="hubs-", dir=_run_root(_RUN))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = os.path.join(_HUB_ROOT, "hf")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
@@ -22,16 +36,29 @@ os.environ.pop("HF_TOKEN", None)
 # compilation cache shared by this run's xdist workers, empty at the start of
 # each run, compiles each program once. Tracing still happens per function,
 # so a value baked into a trace still changes the program and misses the cache.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
 os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(tempfile.gettempdir(), f"kd-test-jax-cache-{_RUN}"),
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(_run_root(_RUN), "jax-cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    # Without `--testrunuid`, xdist would give the workers a fresh id of its own.
+    if not _IS_WORKER and getattr(config.option, "testrunuid", "") is None:
+        config.option.testrunuid = _RUN
+
+
+def pytest_unconfigure(config):
+    # The workers have exited by now: the controller's unconfigure runs last.
+    if _IS_WORKER:
+        shutil.rmtree(_HUB_ROOT, ignore_errors=True)
+        return
+    for run_id in {_RUN, getattr(config.option, "testrunuid", None) or _RUN}:
+        shutil.rmtree(_run_root(run_id), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
