@@ -214,9 +214,9 @@ def test_tf_bfloat16_softmax_is_the_float32_softmax_rounded(monkeypatch):
     scores = tf.cast(_normal(2, 3, 200, 300) * 4.0, tf.bfloat16)
     want = tf.cast(tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1), tf.bfloat16)
     # The oneDNN path where this machine has it; the upcast path always.
-    switches = [False] + ([True] if cpu_kernels.onednn_bfloat16_softmax() else [])
+    switches = [False] + ([True] if cpu_kernels.tf_onednn_bfloat16() else [])
     for on in switches:
-        monkeypatch.setattr(fast_attention, "onednn_bfloat16_softmax", lambda on=on: on)
+        monkeypatch.setattr(fast_attention, "tf_onednn_bfloat16", lambda on=on: on)
         got = fast_attention._tf_softmax(scores)
         assert got.dtype == tf.bfloat16
         np.testing.assert_array_equal(

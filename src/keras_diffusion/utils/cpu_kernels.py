@@ -114,11 +114,13 @@ def cpu_has_avx512():
 
 
 @functools.cache
-def onednn_bfloat16_softmax():
-    """Whether tensorflow's softmax of bfloat16 scores is oneDNN's, which
-    computes in float32 and rounds once: tensorflow's oneDNN kernels are on
+def tf_onednn_bfloat16():
+    """Whether tensorflow's bfloat16 softmax and matmuls are oneDNN's: the
+    softmax computes in float32 and rounds once, and matmuls accumulate in
+    float32. That holds where tensorflow's oneDNN kernels are on
     (`TF_ENABLE_ONEDNN_OPTS`, on by default on x86) and no GPU is visible
-    (whose kernels promise no such thing). Else `fast_attention` upcasts.
+    (whose kernels promise no such thing). Else `fast_attention` upcasts the
+    scores, and `fast_conv.group_norm` its input.
     """
     import tensorflow as tf
 

@@ -26,7 +26,7 @@ import keras  # noqa: F401 (the examples use it)
 from keras import ops
 
 from keras_diffusion.utils.backend import backend_name
-from keras_diffusion.utils.cpu_kernels import emulated_bfloat16, onednn_bfloat16_softmax
+from keras_diffusion.utils.cpu_kernels import emulated_bfloat16, tf_onednn_bfloat16
 from keras_diffusion.utils.fast_ops import cast
 
 # Queries per block of `attention` on jax (see there).
@@ -225,7 +225,7 @@ def _tf_softmax(scores):
     """
     import tensorflow as tf
 
-    if scores.dtype == tf.bfloat16 and onednn_bfloat16_softmax():
+    if scores.dtype == tf.bfloat16 and tf_onednn_bfloat16():
         return tf.nn.softmax(scores, axis=-1)
     return tf.cast(tf.nn.softmax(tf.cast(scores, "float32"), axis=-1), scores.dtype)
 
