@@ -16,7 +16,8 @@ hit every system alike. In each process, with guidance on (5.0), strength
 - *new num_steps*: the next call, with 2 steps (never run before);
 - *s/step*: `(T(6 steps) - T(2 steps)) / 4` on warm calls, `--repeats`
   pairs per process; median, min and max over all pairs of all rounds;
-- *peak RSS* of the process.
+- *peak RSS* of the process: the largest over the rounds, and the smallest
+  (identical processes differ by up to ~0.2 GB on this machine).
 Ratios are ours / anchor: against diffusers (torch) and keras-hub on the
 same backend. keras-hub has no T5-free way to use more than 154 context
 tokens, so its 333-token row repeats its 154-token work.
@@ -205,6 +206,7 @@ def _merge(results):
         "new_steps": statistics.median(r["new_steps_s"] for r in results),
         "warm_short": statistics.median(r["warm_short_s"] for r in results),
         "rss": max(r["peak_rss"] for r in results),
+        "rss_min": min(r["peak_rss"] for r in results),
     }
 
 
@@ -236,7 +238,7 @@ def _table(config, tokens, dtype, rows):
         f"### {config}, {tokens} context tokens, {dtype}",
         "",
         "| system | backend | s/step median (min-max) | vs diffusers | vs keras-hub "
-        "| first image (load) s | new num_steps / warm s | peak RSS GB |",
+        "| first image (load) s | new num_steps / warm s | peak RSS GB, max (min) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     diffusers = rows.get(("diffusers", "torch"))
@@ -253,7 +255,8 @@ def _table(config, tokens, dtype, rows):
             f"| {system} | {backend} | {m['step_median']:.3f} "
             f"({m['step_min']:.3f}-{m['step_max']:.3f}) | {vs_d} | {vs_k} | "
             f"{m['first']:.1f} ({m['load']:.1f}) | "
-            f"{m['new_steps']:.2f} / {m['warm_short']:.2f} | {m['rss'] / 1e9:.2f} |"
+            f"{m['new_steps']:.2f} / {m['warm_short']:.2f} | "
+            f"{m['rss'] / 1e9:.2f} ({m['rss_min'] / 1e9:.2f}) |"
         )
     return "\n".join(lines)
 
