@@ -73,3 +73,33 @@ def test_a_failed_load_leaves_no_pending_variables_behind():
     # A model built afterwards, outside the block, initializes as usual.
     kernel = ops.convert_to_numpy(_build().dense.kernel)
     assert np.abs(kernel).max() > 0
+
+
+def test_loading_on_jax_casts_on_the_host_and_compiles_nothing(caplog):
+    # Keras' jax conversion casts a file's float32 value on the device: a
+    # compiled XLA program per weight shape. While loading, the cast is numpy's.
+    if keras.backend.backend() != "jax":
+        pytest.skip("jax compiles its casts; the other backends run them eagerly")
+    import jax
+
+    kernel = np.linspace(-2, 2, 12, dtype="float32").reshape(4, 3)
+    bias = np.float32([0.1, 0.2, 0.3])
+    with loading_weights() as build:
+        layer = build(_bfloat16_dense)
+        with jax.log_compiles(), caplog.at_level("WARNING"):
+            layer.kernel.assign(kernel)
+            layer.bias.assign(bias)
+        # "Compiling ..." is logged before the persistent cache is consulted.
+        compiled = [r for r in caplog.records if "compil" in r.getMessage().lower()]
+        assert compiled == []
+    for variable, value in ((layer.kernel, kernel), (layer.bias, bias)):
+        assert "_convert_to_tensor" not in vars(variable)  # the class's again
+        assert keras.backend.standardize_dtype(variable.dtype) == "bfloat16"
+        want = ops.convert_to_numpy(ops.cast(value, "bfloat16"))
+        np.testing.assert_array_equal(ops.convert_to_numpy(variable.value), want)
+
+
+def _bfloat16_dense():
+    layer = keras.layers.Dense(3, dtype="bfloat16")
+    layer.build((None, 4))
+    return layer
