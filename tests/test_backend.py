@@ -103,3 +103,16 @@ def _bfloat16_dense():
     layer = keras.layers.Dense(3, dtype="bfloat16")
     layer.build((None, 4))
     return layer
+
+
+def test_two_models_built_in_one_loading_block_both_load():
+    kernels = [np.full((4, 3), value, "float32") for value in (1.0, 2.0)]
+    with loading_weights() as build:
+        layers = [build(_bfloat16_dense), build(_bfloat16_dense)]
+        for layer, kernel in zip(layers, kernels):
+            layer.kernel.assign(kernel)
+            layer.bias.assign(np.zeros(3, "float32"))
+    for layer, kernel in zip(layers, kernels):
+        assert "_convert_to_tensor" not in vars(layer.kernel)
+        got = ops.convert_to_numpy(ops.cast(layer.kernel.value, "float32"))
+        np.testing.assert_array_equal(got, kernel)

@@ -110,6 +110,8 @@ def loading_weights():
     from keras.src.backend.common import global_state
 
     key = "uninitialized_variables"
+    # Always a copy: Keras appends each new deferred variable to the list
+    # it holds, which must never be `before` itself.
     before = list(global_state.get_global_attribute(key) or [])
 
     def new_variables():
@@ -129,7 +131,7 @@ def loading_weights():
                     zeros if random else variable._initializer
                 )
                 variable._initializer = None
-            global_state.set_global_attribute(key, before)
+            global_state.set_global_attribute(key, list(before))
             release_freed_memory()
         else:
             for variable in new_variables():
@@ -138,22 +140,24 @@ def loading_weights():
                     # layout now, so the values assigned next are placed
                     # (sharded) as it says.
                     variable._initialize_layout()
-                variable._convert_to_tensor = _jax_host_convert
-                converting.append(variable)
+                # (A second `build` sees the first one's variables again.)
+                if "_convert_to_tensor" not in vars(variable):
+                    variable._convert_to_tensor = _jax_host_convert
+                    converting.append(variable)
         return model
 
     try:
         yield build
     except BaseException:
         # The half-loaded model is discarded: do not pay for initializing it.
-        global_state.set_global_attribute(key, before)
+        global_state.set_global_attribute(key, list(before))
         raise
     finally:
         for variable in converting:
             del variable._convert_to_tensor  # back to the class's method
         release_freed_memory()
     pending = new_variables()
-    global_state.set_global_attribute(key, before)
+    global_state.set_global_attribute(key, list(before))
     for variable in pending:
         if variable._value is None:
             variable._deferred_initialize()
