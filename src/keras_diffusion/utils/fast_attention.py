@@ -185,6 +185,15 @@ def _masked(scores, mask):
     return ops.where(mask, scores, ops.cast(-3.4028235e38, "float32"))
 
 
+def _scale_last_token(value, repeats, axis):
+    """`value` with its last entry along the token `axis` times `repeats`
+    (scaled in float32, stored in `value`'s dtype)."""
+    leading = (slice(None),) * axis
+    last = ops.cast(value[leading + (slice(-1, None),)], "float32") * float(repeats)
+    rest = value[leading + (slice(None, -1),)]
+    return ops.concatenate([rest, ops.cast(last, value.dtype)], axis=axis)
+
+
 def _tf_attend(query, key, value, scale, causal=False, repeats=1):
     """Heads-first `(B, heads, T, head_dim)` attention on tensorflow.
 
@@ -206,8 +215,7 @@ def _tf_attend(query, key, value, scale, causal=False, repeats=1):
         scores = _masked(scores, _causal_mask(ops.shape(query)[2], ops.shape(key)[2]))
     weights = tf.cast(_tf_softmax(scores), value.dtype)
     if repeats > 1:
-        last = tf.cast(tf.cast(value[:, :, -1:], "float32") * repeats, value.dtype)
-        value = tf.concat([value[:, :, :-1], last], axis=2)
+        value = _scale_last_token(value, repeats, axis=2)
         total = 1.0 + (repeats - 1) * tf.cast(weights[:, :, :, -1:], "float32")
     out = tf.matmul(weights, value)
     if repeats > 1:
@@ -278,8 +286,7 @@ def _jax_attend(query, key, value, scale, causal=False, repeats=1):
     dtype = query.dtype
     query = ops.multiply(query, ops.cast(scale, dtype))
     if repeats > 1:
-        last = ops.cast(value[:, -1:], "float32") * float(repeats)
-        value = ops.concatenate([value[:, :-1], ops.cast(last, value.dtype)], axis=1)
+        value = _scale_last_token(value, repeats, axis=1)
     tokens = query.shape[1]
     block = ATTENTION_QUERY_BLOCK
     if not isinstance(tokens, int) or tokens <= block:
