@@ -1,5 +1,7 @@
 """`utils.backend`: building models for loading (`loading_weights`)."""
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -34,9 +36,8 @@ def test_random_initializers_are_skipped_and_loaded_values_are_used():
     with loading_weights() as build:
         layer = build(_build)
         if keras.backend.backend() != "jax":
-            # Zeros stand in for the glorot kernel (a fill, no random
-            # numbers); the bias keeps its constant initializer.
-            np.testing.assert_array_equal(ops.convert_to_numpy(layer.dense.kernel), 0)
+            # The bias keeps its constant initializer (the glorot kernel's
+            # memory is only allocated: `test_..._writes_no_page`).
             np.testing.assert_array_equal(ops.convert_to_numpy(layer.dense.bias), 1)
         assign_array(layer.dense.kernel, kernel)
     out = ops.convert_to_numpy(layer(np.ones((1, 4), "float32")))
@@ -116,3 +117,33 @@ def test_two_models_built_in_one_loading_block_both_load():
         assert "_convert_to_tensor" not in vars(layer.kernel)
         got = ops.convert_to_numpy(ops.cast(layer.kernel.value, "float32"))
         np.testing.assert_array_equal(got, kernel)
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux only")
+def test_building_for_loading_writes_no_page_of_a_skipped_initializer():
+    # A random initial value that the load overwrites is not even filled: its
+    # pages stay unwritten, so building does not grow the resident set.
+    if keras.backend.backend() == "jax":
+        pytest.skip("on jax the variables hold nothing until assigned")
+    size = 2**24  # 64 MB of float32, allocated straight from the system
+
+    def big_dense():
+        layer = keras.layers.Dense(size // 1024)
+        layer.build((None, 1024))
+        return layer
+
+    with loading_weights() as build:
+        before = _resident_bytes()
+        layer = build(big_dense)
+        grown = _resident_bytes() - before
+        assert tuple(layer.kernel.shape) == (1024, size // 1024)
+        assert grown < size // 4, f"building wrote {grown / 2**20:.0f} MB"
+        assign_array(layer.kernel, np.ones((1024, size // 1024), "float32"))
+        layer.bias.assign(np.zeros(size // 1024, "float32"))
+    out = ops.convert_to_numpy(layer(np.ones((1, 1024), "float32")))
+    np.testing.assert_array_equal(out, 1024)
