@@ -186,8 +186,8 @@ def _unfilled(shape, dtype=None):
     """A tensor of `shape` whose memory is allocated but never written.
 
     `loading_weights`' stand-in for a random initial value off jax. A fill
-    (zeros) would write every page once before the load writes it again:
-    0.4-0.9 s of page faults for the 0.6 GB `wide` backend on tensorflow.
+    (zeros) would write every page once before the load writes it again,
+    and keep the freed pages resident (README, "loading builds the model").
     """
     dtype = keras.backend.standardize_dtype(dtype or keras.config.floatx())
     if backend_name() == "tensorflow":
