@@ -7,7 +7,8 @@ One block's matmuls for the `bench` config (hidden 384; `--hidden 1536` is
 the `wide` config, SD3-medium's width; CFG batch 2: 2,048 image tokens, 308
 text tokens), each three ways: `F.linear` on the
 transposed kernel (what a Keras `(in, out)` kernel gives `F.linear`),
-`addmm` on the kernel as stored (`fast_ops.linear`), and for the MLP's
+`addmm` on the kernel as stored, and oneDNN's matmul (`fast_ops.linear`
+picks between the last two), and for the MLP's
 first layer also oneDNN's matmul with a GELU post-op (`fast_ops.linear(...,
 "gelu_tanh")` at bfloat16 inference) against matmul then GELU, and then
 GELU in place (float32 inference). Then joint attention
@@ -38,6 +39,17 @@ def median_ms(fn, runs=30):
     return 1e3 * statistics.median(times)
 
 
+def onednn_ms(x, kernel, bias, post_op, algorithm):
+    """oneDNN's matmul (`mkldnn._linear_pointwise`, inference only) on the
+    transposed view of the stored kernel, with `post_op` fused."""
+    with torch.no_grad():
+        return median_ms(
+            lambda: torch.ops.mkldnn._linear_pointwise(
+                x, kernel.T, bias, post_op, [], algorithm
+            )
+        )
+
+
 def matmuls(dtype, d):
     rows = []
     for name, m, k, n in [
@@ -54,17 +66,13 @@ def matmuls(dtype, d):
                 name,
                 median_ms(lambda x=x, w=kernel, b=bias: F.linear(x, w.T, b)),
                 median_ms(lambda x=x, w=kernel, b=bias: torch.addmm(b, x, w)),
+                onednn_ms(x, kernel, bias, "none", ""),
             )
         )
     x = torch.randn(IMAGE_TOKENS, d, dtype=dtype)
     kernel = torch.randn(d, 4 * d, dtype=dtype) / d**0.5
     bias = torch.randn(4 * d, dtype=dtype)
-    with torch.no_grad():
-        fused = median_ms(
-            lambda: torch.ops.mkldnn._linear_pointwise(
-                x, kernel.T, bias, "gelu", [], "tanh"
-            )
-        )
+    fused = onednn_ms(x, kernel, bias, "gelu", "tanh")
     split = median_ms(lambda: F.gelu(torch.addmm(bias, x, kernel), approximate="tanh"))
     in_place = median_ms(
         lambda: torch.ops.aten.gelu_(torch.addmm(bias, x, kernel), approximate="tanh")
@@ -103,17 +111,21 @@ def main():
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print(
-        "| hidden | dtype | op | F.linear(x, kernel.T) ms | addmm(bias, x, kernel) ms |"
+        "| hidden | dtype | op | F.linear(x, kernel.T) ms | addmm(bias, x, kernel) ms "
+        "| oneDNN matmul ms |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     results = {}
     for hidden in args.hidden or [384]:
         for name in args.dtype or ["float32", "bfloat16"]:
             dtype = getattr(torch, name)
             rows, gelu = matmuls(dtype, hidden)
             results[hidden, name] = (gelu, attention(dtype, hidden))
-            for op, plain, add in rows:
-                print(f"| {hidden} | {name} | {op} | {plain:.2f} | {add:.2f} |")
+            for op, plain, add, onednn in rows:
+                print(
+                    f"| {hidden} | {name} | {op} | {plain:.2f} | {add:.2f} "
+                    f"| {onednn:.2f} |"
+                )
     print(
         "\n| hidden | dtype | MLP in: addmm, then GELU ms | oneDNN matmul+GELU ms "
         "| addmm, then GELU in place ms "

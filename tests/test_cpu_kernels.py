@@ -20,18 +20,18 @@ def test_emulated_bfloat16_only_for_bfloat16_torch_tensors(monkeypatch):
 
 @pytest.mark.parametrize("avx512", [False, True])
 @pytest.mark.parametrize("bfloat16_kernels", [False, True])
-def test_onednn_gelu_pays_by_dtype_kernel_size_and_cpu(
+def test_onednn_matmul_pays_by_dtype_kernel_size_and_cpu(
     avx512, bfloat16_kernels, monkeypatch
 ):
     torch = pytest.importorskip("torch")  # the CPU facts are torch's
     monkeypatch.setattr(cpu_kernels, "cpu_has_avx512", lambda: avx512)
     monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: bfloat16_kernels)
     limit = cpu_kernels.ONEDNN_FLOAT32_MAX_KERNEL
-    assert cpu_kernels.onednn_gelu_pays(torch.float32, limit) == avx512
-    assert not cpu_kernels.onednn_gelu_pays(torch.float32, limit + 1)
-    pays = cpu_kernels.onednn_gelu_pays(torch.bfloat16, 10 * limit)
+    assert cpu_kernels.onednn_matmul_pays(torch.float32, limit) == avx512
+    assert not cpu_kernels.onednn_matmul_pays(torch.float32, limit + 1)
+    pays = cpu_kernels.onednn_matmul_pays(torch.bfloat16, 10 * limit)
     assert pays == bfloat16_kernels
-    assert not cpu_kernels.onednn_gelu_pays(torch.float16, 16)
+    assert not cpu_kernels.onednn_matmul_pays(torch.float16, 16)
 
 
 def test_cpu_facts_are_booleans():

@@ -38,6 +38,7 @@ def _torch_cpu_facts():
     )
 
 
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
 @pytest.mark.parametrize(
     "inference, dtype, onednn_float32_max, cpu",
     [
@@ -49,26 +50,27 @@ def _torch_cpu_facts():
         (True, "bfloat16", 0, "avx2"),
     ],
 )
-def test_linear_with_gelu_equals_dense_then_gelu(
-    inference, dtype, onednn_float32_max, cpu, monkeypatch
+def test_linear_equals_dense_then_activation_on_every_kernel_path(
+    inference, dtype, onednn_float32_max, cpu, activation, monkeypatch
 ):
-    # On torch, inference (no gradient recorded) takes oneDNN's fused
-    # matmul + GELU in bfloat16 where oneDNN has bfloat16 kernels, and for
-    # small float32 kernels on AVX-512 CPUs; otherwise addmm then GELU in
-    # place (a threshold of 0 makes every float32 kernel large). Training
-    # takes addmm then GELU. "avx2" makes this CPU look like one with
-    # neither AVX-512 nor bfloat16 kernels (oneDNN cannot even build a
+    # On torch, inference (no gradient recorded) takes oneDNN's matmul, with
+    # the GELU as a post-op, in bfloat16 where oneDNN has bfloat16 kernels,
+    # and for small float32 kernels on AVX-512 CPUs; otherwise addmm (then
+    # GELU in place). A threshold of 0 makes every float32 kernel large.
+    # Training takes addmm (then GELU). "avx2" makes this CPU look like one
+    # with neither AVX-512 nor bfloat16 kernels (oneDNN cannot even build a
     # bfloat16 primitive there). All must match Dense.
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FLOAT32_MAX_KERNEL", onednn_float32_max)
     layer = keras.layers.Dense(7, dtype=dtype)
     x = _normal(2, 5, 4)
     layer.build(x.shape)
     layer.bias.assign(_normal(7))
-    want = ops.convert_to_numpy(
-        ops.cast(ops.gelu(layer(x), approximate=True), "float32")
-    )
+    want = layer(x)
+    if activation is not None:
+        want = ops.gelu(want, approximate=True)
+    want = ops.convert_to_numpy(ops.cast(want, "float32"))
     context = contextlib.nullcontext()
-    fused_calls = []
+    onednn_calls = []
     torch_inference = inference and keras.backend.backend() == "torch"
     if torch_inference:
         import torch
@@ -79,21 +81,22 @@ def test_linear_with_gelu_equals_dense_then_gelu(
             monkeypatch.setattr(cpu_kernels, "cpu_has_avx512", lambda: False)
             monkeypatch.setattr(cpu_kernels, "onednn_has_bfloat16", lambda: False)
         context = torch.no_grad()
-        fused = torch.ops.mkldnn._linear_pointwise
+        onednn = torch.ops.mkldnn._linear_pointwise
 
         def counting(*args):
-            fused_calls.append(args)
-            return fused(*args)
+            onednn_calls.append(args[3])  # the post-op
+            return onednn(*args)
 
         monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
     with context:
-        got = fast_ops.linear(layer, x, "gelu_tanh")
+        got = fast_ops.linear(layer, x, activation)
     if torch_inference:
         small_float32 = dtype == "float32" and onednn_float32_max >= 4 * 7
-        fused_expected = (small_float32 and avx512) or (
+        onednn_expected = (small_float32 and avx512) or (
             dtype == "bfloat16" and bfloat16_kernels
         )
-        assert len(fused_calls) == int(fused_expected)
+        post_op = "none" if activation is None else "gelu"
+        assert onednn_calls == [post_op] * int(onednn_expected)
     assert keras.backend.standardize_dtype(got.dtype) == dtype
     got = ops.convert_to_numpy(ops.cast(got, "float32"))
     # bfloat16: a few ulps (1/128 relative) apart from Keras' own rounding.
@@ -129,7 +132,7 @@ def test_bfloat16_linear_matches_dense_with_or_without_bfloat16_kernels(
         context = torch.no_grad()
         addmm_dtypes = record_dtypes(torch, "addmm")
         mm_dtypes = record_dtypes(torch, "mm")
-        # AVX-512 CPUs fuse small float32 kernels with their GELU in oneDNN.
+        # AVX-512 CPUs take oneDNN's matmul for small float32 kernels.
         fused_dtypes = record_dtypes(torch.ops.mkldnn, "_linear_pointwise")
     with context:
         got = fast_ops.linear(layer, x, activation)

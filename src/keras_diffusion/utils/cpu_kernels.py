@@ -13,10 +13,12 @@ import functools
 
 from keras_diffusion.utils.backend import backend_name
 
-# The largest float32 kernel (entries) that `linear` hands to oneDNN's fused
-# matmul + GELU on torch: 512 x 2048. On an AVX-512 CPU (an ad hoc sweep),
-# fused won at 384 x 1536, tied at 512 x 2048 and lost from 768 x 3072 up:
-# it re-lays out the kernel on every call.
+# The largest float32 kernel (entries) that `linear` hands to oneDNN's
+# matmul on torch: 512 x 2048. On an AVX-512 Xeon (an ad hoc sweep), the
+# fused matmul + GELU won at 384 x 1536, tied at 512 x 2048 and lost from
+# 768 x 3072 up: it re-lays out the kernel on every call. (On an AVX-512
+# EPYC, Zen 5, oneDNN won at every size up to 1536 x 6144:
+# `benchmarks/linear_speed.py --hidden 1536`.)
 ONEDNN_FLOAT32_MAX_KERNEL = 2**20
 
 
@@ -50,9 +52,10 @@ def emulated_bfloat16(x):
     )
 
 
-def onednn_gelu_usable(x, kernel):
-    """Whether torch's oneDNN linear + GELU should run: inference on a dense
-    CPU input where `onednn_gelu_pays` for its dtype and kernel, and a
+def onednn_matmul_usable(x, kernel):
+    """Whether torch's oneDNN matmul (with or without a GELU post-op) should
+    run: inference on a dense CPU input where `onednn_matmul_pays` for its
+    dtype and kernel, and a
     contiguous kernel (other strides take oneDNN's reference kernel,
     hundreds of times slower)."""
     import torch
@@ -62,13 +65,13 @@ def onednn_gelu_usable(x, kernel):
         and x.device.type == "cpu"
         and kernel.is_contiguous()
         and x.is_contiguous()
-        and onednn_gelu_pays(x.dtype, kernel.numel())
+        and onednn_matmul_pays(x.dtype, kernel.numel())
     )
 
 
-def onednn_gelu_pays(dtype, kernel_entries):
-    """Whether oneDNN's fused matmul + GELU beats `addmm`, then GELU, on this
-    CPU (see `fast_ops.linear`).
+def onednn_matmul_pays(dtype, kernel_entries):
+    """Whether oneDNN's matmul beats torch's `addmm` on this CPU, with a
+    GELU post-op against `addmm`, then GELU (see `fast_ops.linear`).
 
     bfloat16: wherever oneDNN has bfloat16 kernels (AVX512-BF16 or AMX;
     elsewhere it cannot build the primitive at all). float32: for kernels
@@ -81,7 +84,7 @@ def onednn_gelu_pays(dtype, kernel_entries):
     Examples:
 
     >>> import torch
-    >>> onednn_gelu_pays(torch.float32, 2**21)  # over the limit on any CPU
+    >>> onednn_matmul_pays(torch.float32, 2**21)  # over the limit on any CPU
     False
     """
     import torch

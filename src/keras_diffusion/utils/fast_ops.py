@@ -5,10 +5,10 @@ a faster kernel; the results agree with the plain Keras computation to float
 rounding (tests/test_fast_ops.py). Attention has its own module,
 `utils.fast_attention`.
 
-- `linear`: a Dense layer (and GELU) with its bias folded into the matmul
-  on torch, and the GELU into oneDNN's matmul at inference where the CPU
-  favours it; on tensorflow, the 2D matmul, bias add and GELU that
-  grappler fuses into one oneDNN op;
+- `linear`: a Dense layer (and GELU) on torch as oneDNN's matmul with the
+  bias and GELU as post-ops at inference where the CPU favours it, else
+  with its bias folded into `addmm`; on tensorflow, the 2D matmul, bias
+  add and GELU that grappler fuses into one oneDNN op;
 - `modulate`, `gated_residual`, `norm_modulate`: AdaLN's element-wise maths
   as one fused pass each on torch (`norm_modulate` folds the layer norm in),
   and `cast`, which skips no-op casts;
@@ -28,7 +28,7 @@ import keras
 from keras import ops
 
 from keras_diffusion.utils.backend import backend_name
-from keras_diffusion.utils.cpu_kernels import emulated_bfloat16, onednn_gelu_usable
+from keras_diffusion.utils.cpu_kernels import emulated_bfloat16, onednn_matmul_usable
 
 
 def cast(x, dtype):
@@ -303,24 +303,27 @@ def linear(layer, inputs, activation=None):
 
     `activation` is None or "gelu_tanh" (tanh-approximated GELU). On torch:
 
-    - the bias add is folded into the matmul: `addmm(bias, x, kernel)` on
-      the kernel as stored, `(in, out)`. Keras' Dense adds the bias in a
-      separate pass; `F.linear(x, kernel.T)` ties with `addmm` in float32
-      and is slower in bfloat16 (`benchmarks/linear_speed.py`);
-    - with "gelu_tanh" at inference (no gradient being recorded), the GELU
-      runs inside oneDNN's matmul as a post-op where that pays on this CPU
-      (`cpu_kernels.onednn_gelu_pays`), saving a pass over the 4x-wide MLP
-      activation: in bfloat16 wherever oneDNN has bfloat16 kernels, in
-      float32 only on AVX-512 CPUs and for a kernel of at most
-      `cpu_kernels.ONEDNN_FLOAT32_MAX_KERNEL` entries. In float32 oneDNN
-      re-lays out the transposed kernel on every call, a cost that grows
-      with the weight: on an AVX-512 Xeon at SD3-medium's width (1536 ->
-      6144) the fused op took 2.3x as long as `addmm`, then GELU in place
-      (the other path), while the `bench` config's step (384 -> 1536) was
-      ~5% faster fused; on an AVX2 EPYC the fused op lost at 384 too
-      (`benchmarks/linear_speed.py --hidden 384 --hidden 1536`,
-      `benchmarks/step_ab.py`). oneDNN's fused op has no backward, so
-      training takes `addmm` + GELU.
+    - at inference (no gradient being recorded) the layer is oneDNN's
+      matmul, with the bias and any "gelu_tanh" as post-ops, where that
+      pays on this CPU (`cpu_kernels.onednn_matmul_pays`): in bfloat16
+      wherever oneDNN has bfloat16 kernels, in float32 only on AVX-512 CPUs
+      and for a kernel of at most `cpu_kernels.ONEDNN_FLOAT32_MAX_KERNEL`
+      entries. The GELU post-op saves a pass over the 4x-wide MLP
+      activation; without one, oneDNN's matmul still beat torch's `addmm`
+      on an AVX-512 EPYC (Zen 5) at the `bench` config's kernels (2,048
+      rows: q/k/v 4.7 against 5.2 ms in bfloat16, 9.6 against 13.6 in
+      float32; `benchmarks/linear_speed.py`). In float32 oneDNN re-lays out
+      the transposed kernel on every call, a cost that grows with the
+      weight: on an AVX-512 Xeon at SD3-medium's width (1536 -> 6144) the
+      fused op took 2.3x as long as `addmm`, then GELU in place, while the
+      `bench` config's step (384 -> 1536) was ~5% faster fused; on an AVX2
+      EPYC the fused op lost at 384 too (`benchmarks/linear_speed.py
+      --hidden 384 --hidden 1536`, `benchmarks/step_ab.py`);
+    - otherwise, and in training (oneDNN's op has no backward), the bias
+      add is folded into the matmul: `addmm(bias, x, kernel)` on the kernel
+      as stored, `(in, out)`, then GELU (in place at inference). Keras'
+      Dense adds the bias in a separate pass; `F.linear(x, kernel.T)` ties
+      with `addmm` in float32 and is slower in bfloat16.
 
     On tensorflow the 3D input is flattened to a 2D `matmul`, `bias_add`
     and `tf.nn.gelu`, the pattern grappler's remapper fuses into one oneDNN
@@ -370,10 +373,13 @@ def linear(layer, inputs, activation=None):
 def _torch_linear(x, kernel, bias, activation):
     import torch
 
-    if activation is not None and bias is not None and onednn_gelu_usable(x, kernel):
+    if onednn_matmul_usable(x, kernel):
         # oneDNN reads the (out, in) weight as the transpose of the stored
         # contiguous (in, out) kernel without a copy.
-        return torch.ops.mkldnn._linear_pointwise(x, kernel.T, bias, "gelu", [], "tanh")
+        post_op, algorithm = ("gelu", "tanh") if activation else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(
+            x, kernel.T, bias, post_op, [], algorithm
+        )
     out = affine(x, kernel, bias)
     if activation is None:
         return out
