@@ -86,3 +86,21 @@ def record_dtypes(monkeypatch):
         return dtypes
 
     return record
+
+
+@pytest.fixture
+def dot_result_dtypes():
+    """`dot_result_dtypes(fn, *args)`: on jax, the result dtype of each dot
+    in `fn`'s jaxpr, nested ones included (which XLA kernel a dot asks for)."""
+    import jax
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield str(eqn.outvars[0].aval.dtype)
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    yield from walk(inner)
+
+    return lambda fn, *args: list(walk(jax.make_jaxpr(fn)(*args).jaxpr))

@@ -222,3 +222,22 @@ def test_tf_bfloat16_softmax_is_the_float32_softmax_rounded(monkeypatch):
         np.testing.assert_array_equal(
             tf.cast(got, tf.float32).numpy(), tf.cast(want, tf.float32).numpy()
         )
+
+
+@pytest.mark.parametrize("repeats", [1, 5])
+def test_jax_bfloat16_attention_asks_for_float32_dot_results(
+    repeats, monkeypatch, dot_result_dtypes
+):
+    # As `fast_ops.linear`: XLA's fast bfloat16 CPU dot returns float32, and
+    # the scores go to a float32 softmax anyway.
+    if keras.backend.backend() != "jax":
+        pytest.skip("a jax dot's result type")
+    monkeypatch.setattr(fast_attention, "ATTENTION_QUERY_BLOCK", 4)
+    q = ops.cast(_normal(1, 6, 2, 8), "bfloat16")
+
+    def fn(q):
+        return fast_attention.joint_attention([q], [q], [q], last_key_repeats=repeats)
+
+    # Two blocks of queries, scores and output each, plus the last key's
+    # recomputed score per block when it repeats.
+    assert dot_result_dtypes(fn, q) == ["float32"] * 2 * (2 + (repeats > 1))

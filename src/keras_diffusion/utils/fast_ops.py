@@ -347,20 +347,29 @@ def linear(layer, inputs, activation=None):
         raise ValueError(f"activation must be None or 'gelu_tanh'; got {activation!r}.")
     if not layer.built:
         layer.build(tuple(inputs.shape))
+    dtype = layer.compute_dtype
+    backend = backend_name()
     if (
-        backend_name() not in ("torch", "tensorflow")
-        or layer.lora_enabled
+        layer.lora_enabled
         or layer.quantization_mode is not None
         or layer.activation is not keras.activations.linear
-        or (layer.bias is None and backend_name() == "tensorflow")
+        or (backend == "jax" and dtype not in ("bfloat16", "float16"))
+        or backend not in ("jax", "torch", "tensorflow")
+        or (layer.bias is None and backend == "tensorflow")
     ):
         out = layer(inputs)
         return out if activation is None else ops.gelu(out, approximate=True)
-    dtype = layer.compute_dtype
     kernel = cast(layer.kernel, dtype)
     bias = None if layer.bias is None else cast(layer.bias, dtype)
     x = cast(inputs, dtype)
-    if backend_name() == "tensorflow":
+    if backend == "jax":
+        out = half_matmul(x, kernel)
+        if bias is not None:
+            out = out + ops.cast(bias, "float32")
+        if activation is not None:
+            out = ops.gelu(out, approximate=True)
+        return ops.cast(out, dtype)
+    if backend == "tensorflow":
         return _tf_linear(x, kernel, bias, activation)
     if emulated_bfloat16(x):
         f32 = "float32"
@@ -415,6 +424,36 @@ def affine(x, kernel, bias):
         return out.reshape(*x.shape[:-1], kernel.shape[-1])
     out = ops.matmul(x, kernel)
     return out if bias is None else out + bias
+
+
+def half_matmul(a, b, subscripts=None):
+    """`ops.matmul(a, b)` (or `ops.einsum(subscripts, a, b)`) of
+    half-precision operands, summed and returned in float32.
+
+    On jax, a dot that returns bfloat16 takes a slow path on CPU, while one
+    asked for float32 results (`preferred_element_type`) reaches XLA's fast
+    bfloat16 kernel: a (2048, 384) @ (384, 1536) matmul took 6.1 against
+    10.6 ms, and 9.5 in float32 (ad hoc, AVX512-BF16 EPYC). The products of
+    half-precision numbers are exact in float32, so both are the same
+    matmul up to summation order. Elsewhere (where the model code calls it
+    on jax only) the operands are cast to float32.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> a = keras.ops.ones((2, 3), "bfloat16")
+    >>> out = half_matmul(a, keras.ops.ones((3, 4), "bfloat16"))
+    >>> keras.backend.standardize_dtype(out.dtype), float(out[0, 0])
+    ('float32', 3.0)
+    """
+    if backend_name() == "jax":
+        import jax.numpy as jnp
+
+        if subscripts is None:
+            return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+        return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+    a, b = cast(a, "float32"), cast(b, "float32")
+    return ops.matmul(a, b) if subscripts is None else ops.einsum(subscripts, a, b)
 
 
 def _torch_tensor(x):
