@@ -45,6 +45,7 @@ def _torch_cpu_facts():
         (False, "float32", 2**20, "this"),
         (True, "float32", 2**20, "this"),
         (True, "float32", 0, "this"),
+        (True, "float32", 0, "this, MKL on a non-Intel CPU"),
         (True, "bfloat16", 0, "this"),
         (True, "float32", 2**20, "avx2"),
         (True, "bfloat16", 0, "avx2"),
@@ -59,8 +60,11 @@ def test_linear_equals_dense_then_activation_on_every_kernel_path(
     # GELU in place). A threshold of 0 makes every float32 kernel large.
     # Training takes addmm (then GELU). "avx2" makes this CPU look like one
     # with neither AVX-512 nor bfloat16 kernels (oneDNN cannot even build a
-    # bfloat16 primitive there). All must match Dense.
+    # bfloat16 primitive there); with MKL on a non-Intel CPU float32 kernels
+    # of any size take oneDNN. All must match Dense.
     monkeypatch.setattr(cpu_kernels, "ONEDNN_FLOAT32_MAX_KERNEL", onednn_float32_max)
+    mkl_elsewhere = cpu.endswith("non-Intel CPU")
+    monkeypatch.setattr(cpu_kernels, "mkl_on_non_intel_cpu", lambda: mkl_elsewhere)
     layer = keras.layers.Dense(7, dtype=dtype)
     x = _normal(2, 5, 4)
     layer.build(x.shape)
@@ -91,8 +95,10 @@ def test_linear_equals_dense_then_activation_on_every_kernel_path(
     with context:
         got = fast_ops.linear(layer, x, activation)
     if torch_inference:
-        small_float32 = dtype == "float32" and onednn_float32_max >= 4 * 7
-        onednn_expected = (small_float32 and avx512) or (
+        float32_pays = dtype == "float32" and (
+            onednn_float32_max >= 4 * 7 or mkl_elsewhere
+        )
+        onednn_expected = (float32_pays and avx512) or (
             dtype == "bfloat16" and bfloat16_kernels
         )
         post_op = "none" if activation is None else "gelu"

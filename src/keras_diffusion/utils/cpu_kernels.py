@@ -5,8 +5,8 @@ questions of torch's CPU build (its CPU capability and oneDNN's bfloat16
 support), and of tensorflow's (whether its oneDNN kernels run), instead of
 assuming one machine: what won on an AVX-512 Xeon with
 AMX lost, or did not run at all, on an AVX2 EPYC (Zen 3). The answers are
-cached per process; tests patch `cpu_has_avx512` and `onednn_has_bfloat16`
-to take the other machine's paths.
+cached per process; tests patch `cpu_has_avx512`, `onednn_has_bfloat16`
+and `mkl_on_non_intel_cpu` to take the other machine's paths.
 """
 
 import functools
@@ -14,11 +14,10 @@ import functools
 from keras_diffusion.utils.backend import backend_name
 
 # The largest float32 kernel (entries) that `linear` hands to oneDNN's
-# matmul on torch: 512 x 2048. On an AVX-512 Xeon (an ad hoc sweep), the
-# fused matmul + GELU won at 384 x 1536, tied at 512 x 2048 and lost from
-# 768 x 3072 up: it re-lays out the kernel on every call. (On an AVX-512
-# EPYC, Zen 5, oneDNN won at every size up to 1536 x 6144:
-# `benchmarks/linear_speed.py --hidden 1536`.)
+# matmul on torch where torch's float32 BLAS is MKL on an Intel CPU: 512 x
+# 2048. On an AVX-512 Xeon (an ad hoc sweep), the fused matmul + GELU won at
+# 384 x 1536, tied at 512 x 2048 and lost from 768 x 3072 up: it re-lays
+# out the kernel on every call. Elsewhere see `mkl_on_non_intel_cpu`.
 ONEDNN_FLOAT32_MAX_KERNEL = 2**20
 
 
@@ -74,8 +73,9 @@ def onednn_matmul_pays(dtype, kernel_entries):
     GELU post-op against `addmm`, then GELU (see `fast_ops.linear`).
 
     bfloat16: wherever oneDNN has bfloat16 kernels (AVX512-BF16 or AMX;
-    elsewhere it cannot build the primitive at all). float32: for kernels
-    of at most `ONEDNN_FLOAT32_MAX_KERNEL` entries on AVX-512 CPUs only; on
+    elsewhere it cannot build the primitive at all). float32: on AVX-512
+    CPUs only, for kernels of at most `ONEDNN_FLOAT32_MAX_KERNEL` entries,
+    or of any size where `mkl_on_non_intel_cpu`; on
     an AVX2 CPU (AMD EPYC, Zen 3) the fused op was slower at every size
     (`benchmarks/linear_speed.py` and an ad hoc rerun: 384 -> 1536 on
     2,048 rows, 41.6-42.8 ms fused against 32.3-32.6 for `addmm`, then
@@ -84,7 +84,7 @@ def onednn_matmul_pays(dtype, kernel_entries):
     Examples:
 
     >>> import torch
-    >>> onednn_matmul_pays(torch.float32, 2**21)  # over the limit on any CPU
+    >>> onednn_matmul_pays(torch.float16, 16)  # float16 takes `addmm` anywhere
     False
     """
     import torch
@@ -93,9 +93,52 @@ def onednn_matmul_pays(dtype, kernel_entries):
         return onednn_has_bfloat16()
     return (
         dtype == torch.float32
-        and kernel_entries <= ONEDNN_FLOAT32_MAX_KERNEL
         and cpu_has_avx512()
+        and (kernel_entries <= ONEDNN_FLOAT32_MAX_KERNEL or mkl_on_non_intel_cpu())
     )
+
+
+@functools.cache
+def mkl_on_non_intel_cpu():
+    """Whether torch's float32 BLAS is MKL on a CPU that is not Intel's.
+
+    MKL runs slower code there: on an AVX-512 EPYC (Zen 5) torch's float32
+    matmul peaked at 178-189 GFLOP/s against 400-426 for oneDNN's (in
+    tensorflow), and oneDNN's matmul beat `addmm` at every size up to
+    SD3-medium's 1536 -> 6144 (`benchmarks/linear_speed.py --hidden 1536`);
+    the `wide` MMDiT step took 1.43-1.52 s against 1.65-1.72 (ad hoc, three
+    alternations in one process). The vendor is read from `/proc/cpuinfo`
+    (Linux) or `platform.processor()`; unknown counts as Intel (the limit
+    holds).
+    """
+    import platform
+
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            described = cpuinfo.read(4096)
+    except OSError:
+        described = platform.processor()
+    return names_a_non_intel_cpu(described)
+
+
+def names_a_non_intel_cpu(described):
+    """Whether a CPU description names a vendor other than Intel.
+
+    Examples:
+
+    >>> names_a_non_intel_cpu("vendor_id\t: AuthenticAMD")
+    True
+    >>> names_a_non_intel_cpu("Intel64 Family 6 Model 143, GenuineIntel")
+    False
+    >>> names_a_non_intel_cpu("")
+    False
+    """
+    others = ("AuthenticAMD", "HygonGenuine", "CentaurHauls")
+    return "GenuineIntel" not in described and any(v in described for v in others)
 
 
 @functools.cache

@@ -308,17 +308,19 @@ def linear(layer, inputs, activation=None):
       pays on this CPU (`cpu_kernels.onednn_matmul_pays`): in bfloat16
       wherever oneDNN has bfloat16 kernels, in float32 only on AVX-512 CPUs
       and for a kernel of at most `cpu_kernels.ONEDNN_FLOAT32_MAX_KERNEL`
-      entries. The GELU post-op saves a pass over the 4x-wide MLP
-      activation; without one, oneDNN's matmul still beat torch's `addmm`
-      on an AVX-512 EPYC (Zen 5) at the `bench` config's kernels (2,048
-      rows: q/k/v 4.7 against 5.2 ms in bfloat16, 9.6 against 13.6 in
-      float32; `benchmarks/linear_speed.py`). In float32 oneDNN re-lays out
-      the transposed kernel on every call, a cost that grows with the
-      weight: on an AVX-512 Xeon at SD3-medium's width (1536 -> 6144) the
-      fused op took 2.3x as long as `addmm`, then GELU in place, while the
-      `bench` config's step (384 -> 1536) was ~5% faster fused; on an AVX2
-      EPYC the fused op lost at 384 too (`benchmarks/linear_speed.py
-      --hidden 384 --hidden 1536`, `benchmarks/step_ab.py`);
+      entries (of any size where torch's MKL runs on a non-Intel CPU,
+      `cpu_kernels.mkl_on_non_intel_cpu`). The GELU post-op saves a pass
+      over the 4x-wide MLP activation; without one, oneDNN's matmul still
+      beat torch's `addmm` on an AVX-512 EPYC (Zen 5) at the `bench`
+      config's kernels (2,048 rows: q/k/v 4.7 against 5.2 ms in bfloat16,
+      9.6 against 13.6 in float32; `benchmarks/linear_speed.py`). In
+      float32 oneDNN re-lays out the transposed kernel on every call, a
+      cost that grows with the weight: on an AVX-512 Xeon at SD3-medium's
+      width (1536 -> 6144) the fused op took 2.3x as long as `addmm`, then
+      GELU in place, while the `bench` config's step (384 -> 1536) was ~5%
+      faster fused; on the EPYC oneDNN won at that width too; on an AVX2
+      EPYC the fused op lost at 384 (`benchmarks/linear_speed.py --hidden
+      384 --hidden 1536`, `benchmarks/step_ab.py`);
     - otherwise, and in training (oneDNN's op has no backward), the bias
       add is folded into the matmul: `addmm(bias, x, kernel)` on the kernel
       as stored, `(in, out)`, then GELU (in place at inference). Keras'
