@@ -330,10 +330,13 @@ def linear(layer, inputs, activation=None):
     On tensorflow the 3D input is flattened to a 2D `matmul`, `bias_add`
     and `tf.nn.gelu`, the pattern grappler's remapper fuses into one oneDNN
     matmul (Keras' Dense reshapes between its matmul and a plain bias add,
-    which stay three ops). jax fuses in XLA; layers with LoRA, quantization
-    or their own activation, and on tensorflow layers without a bias, are
-    simply called. On a CPU without bfloat16 kernels a bfloat16 layer
-    computes in float32 on torch (`cpu_kernels.emulated_bfloat16`).
+    which stay three ops). On jax a half-precision layer's matmul asks XLA
+    for float32 results (`half_matmul`), and the bias and GELU are added in
+    float32 before one rounding; XLA fuses the rest, and float32 layers are
+    simply called. Layers with LoRA, quantization or their own activation,
+    and on tensorflow layers without a bias, are simply called too. On a
+    CPU without bfloat16 kernels a bfloat16 layer computes in float32 on
+    torch (`cpu_kernels.emulated_bfloat16`).
 
     Examples:
 
@@ -442,7 +445,6 @@ def half_matmul(a, b, subscripts=None):
 
     Examples:
 
-    >>> import numpy as np
     >>> a = keras.ops.ones((2, 3), "bfloat16")
     >>> out = half_matmul(a, keras.ops.ones((3, 4), "bfloat16"))
     >>> keras.backend.standardize_dtype(out.dtype), float(out[0, 0])
