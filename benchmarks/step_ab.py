@@ -3,6 +3,7 @@
     python benchmarks/img2img_speed.py --config bench   # prepares the models once
     KERAS_BACKEND=torch python benchmarks/step_ab.py [--dtype bfloat16] [--runs 12]
     KERAS_BACKEND=tensorflow python benchmarks/step_ab.py --against keras_hub
+    KERAS_BACKEND=jax python benchmarks/step_ab.py --against none --dtype bfloat16
 
 All transformers hold the same weights (`speed_models.py`). Each run times
 our `guided_velocity` (batch 2: the CFG halves, text context embedded once,
@@ -11,7 +12,8 @@ as the sampling loop does), compiled as `generate` compiles it
 inputs plus the guidance combination, back to back, so that the machine's
 drift hits both alike. Anchors: diffusers' `SD3Transformer2DModel` (torch
 backend only) and keras-hub 0.32's MMDiT (any backend; `--site` is a folder
-holding keras_hub, compiled the same way as ours). Prints the medians,
+holding keras_hub, compiled the same way as ours); `--against none` times
+ours alone (any backend and dtype). Prints the medians,
 minima and the median of the per-run ratios. No VAE, scheduler or loop: the
 step's own cost. `--overhead` runs the same weights on 16 image tokens and 4
 text tokens instead of 1,024 and 154: what is left is the step's fixed cost
@@ -138,7 +140,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument(
-        "--against", default="diffusers", choices=("diffusers", "keras_hub")
+        "--against", default="diffusers", choices=("diffusers", "keras_hub", "none")
     )
     parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--folder", default="/tmp/kd-speed-bench")
@@ -167,9 +169,11 @@ def main():
     context[:, tokens // 2 :] = 0.0  # T5's place, without T5
     pooled = rng.standard_normal((2, 80)).astype("float32")
     inputs = (args.folder, args.dtype, latents, context, pooled)
-    anchor = diffusers_step if args.against == "diffusers" else keras_hub_step
     zeros = 0 if args.full_context else tokens - tokens // 2
-    steps = {"ours": ours_step(*inputs, zeros), args.against: anchor(*inputs)}
+    steps = {"ours": ours_step(*inputs, zeros)}
+    if args.against != "none":
+        anchor = diffusers_step if args.against == "diffusers" else keras_hub_step
+        steps[args.against] = anchor(*inputs)
 
     def wait(out):
         keras.ops.convert_to_numpy(out)  # an asynchronous backend finishes here
@@ -182,7 +186,12 @@ def main():
             start = time.perf_counter()
             wait(step())
             times[name].append(time.perf_counter() - start)
-    ratios = [a / b for a, b in zip(*times.values())]
+    ratio = ""
+    if len(times) == 2:
+        ratios = [a / b for a, b in zip(*times.values())]
+        ratio = (
+            f" | ours / {args.against}, median of runs {statistics.median(ratios):.3f}"
+        )
     print(
         f"bench MMDiT step{' (overhead: tiny inputs)' if args.overhead else ''}, "
         f"{'full context' if args.full_context else 'zero tokens run once'}, "
@@ -191,7 +200,7 @@ def main():
             f"{name} median {statistics.median(t):.4f} s, min {min(t):.4f} s"
             for name, t in times.items()
         )
-        + f" | ours / {args.against}, median of runs {statistics.median(ratios):.3f}"
+        + ratio
     )
 
 

@@ -75,7 +75,7 @@ def _square(backend, x):
         import jax.numpy as jnp
 
         # Half precision: XLA's fast CPU kernel is the dot with float32
-        # results (`fast_ops.half_matmul`); one returning bfloat16 is slower.
+        # results (`fast_ops.matmul_in_float32`); one returning bfloat16 is slower.
         result = jnp.float32 if x.dtype == jnp.bfloat16 else None
         f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=result))
         return lambda: f(x).block_until_ready()

@@ -392,7 +392,7 @@ def test_jax_half_precision_linear_asks_for_float32_dot_results(
     activation, dot_result_dtypes
 ):
     # XLA's fast bfloat16 CPU dot is the one that returns float32; a dot
-    # returning bfloat16 takes a path ~1.7x slower (`fast_ops.half_matmul`).
+    # returning bfloat16 takes a path ~1.7x slower (`fast_ops.matmul_in_float32`).
     if keras.backend.backend() != "jax":
         pytest.skip("a jax dot's result type; other backends sum in float32")
     layer = keras.layers.Dense(7, dtype="bfloat16")
@@ -406,16 +406,16 @@ def test_jax_half_precision_linear_asks_for_float32_dot_results(
     )
 
 
-def test_half_matmul_sums_in_float32():
+def test_matmul_in_float32_sums_half_precision_operands_in_float32():
     a = ops.cast(_normal(3, 5), "bfloat16")
     b = ops.cast(_normal(5, 2), "bfloat16")
     want = ops.convert_to_numpy(ops.cast(a, "float32")) @ ops.convert_to_numpy(
         ops.cast(b, "float32")
     )
-    got = fast_ops.half_matmul(a, b)
+    got = fast_ops.matmul_in_float32(a, b)
     assert keras.backend.standardize_dtype(got.dtype) == "float32"
     # Products of bfloat16 numbers are exact in float32; only the order of
     # summation differs (bfloat16 results would be ~1e-2 off).
     np.testing.assert_allclose(ops.convert_to_numpy(got), want, atol=1e-5)
-    got = fast_ops.half_matmul(a, b, "ik,kj->ij")
+    got = fast_ops.matmul_in_float32(a, b, "ik,kj->ij")
     np.testing.assert_allclose(ops.convert_to_numpy(got), want, atol=1e-5)

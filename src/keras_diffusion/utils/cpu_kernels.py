@@ -106,8 +106,9 @@ def mkl_on_non_intel_cpu():
     matmul peaked at 178-189 GFLOP/s against 400-426 for oneDNN's (in
     tensorflow), and oneDNN's matmul beat `addmm` at every size up to
     SD3-medium's 1536 -> 6144 (`benchmarks/linear_speed.py --hidden 1536`);
-    the `wide` MMDiT step took 1.43-1.52 s against 1.65-1.72 (ad hoc, three
-    alternations in one process). The vendor is read from `/proc/cpuinfo`
+    with it the `wide` MMDiT step went from 0.877-0.923x diffusers' to
+    0.811-0.833x (`benchmarks/step_ab.py --folder /tmp/kd-speed-wide`, two
+    runs alternating with the limit everywhere). The vendor is read from `/proc/cpuinfo`
     (Linux) or `platform.processor()`; unknown counts as Intel (the limit
     holds).
     """

@@ -27,7 +27,7 @@ from keras import ops
 
 from keras_diffusion.utils.backend import backend_name
 from keras_diffusion.utils.cpu_kernels import emulated_bfloat16, tf_onednn_bfloat16
-from keras_diffusion.utils.fast_ops import cast, half_matmul
+from keras_diffusion.utils.fast_ops import cast, matmul_in_float32
 
 # Queries per block of `attention` on jax (see there).
 ATTENTION_QUERY_BLOCK = 512
@@ -301,11 +301,8 @@ def _jax_attend(query, key, value, scale, causal=False, repeats=1):
 
 
 def _attend_block(query, key, value, dtype, causal=False, start=0, repeats=1):
-    half = dtype in ("bfloat16", "float16")
-    if half:  # XLA's fast bfloat16 dot returns float32 (`fast_ops.half_matmul`)
-        scores = half_matmul(query, key, "bqhd,bkhd->bhqk")
-    else:
-        scores = ops.cast(ops.einsum("bqhd,bkhd->bhqk", query, key), "float32")
+    # Float32 results: the softmax's dtype, and XLA's fast bfloat16 dot.
+    scores = matmul_in_float32(query, key, "bqhd,bkhd->bhqk")
     if causal:
         scores = _masked(
             scores, _causal_mask(ops.shape(query)[1], ops.shape(key)[1], start)
@@ -316,17 +313,12 @@ def _attend_block(query, key, value, dtype, causal=False, start=0, repeats=1):
         # The last key's score is recomputed (a matrix-vector product), not
         # sliced out of the scores: a slice would make XLA write them out.
         top = ops.max(scores, axis=-1, keepdims=True)
-        if half:
-            last = half_matmul(query, key[:, -1:], "bqhd,bkhd->bhqk")
-        else:
-            last = ops.einsum("bqhd,bkhd->bhqk", query, key[:, -1:])
-        last = ops.exp(ops.cast(last, "float32") - top)
+        last = matmul_in_float32(query, key[:, -1:], "bqhd,bkhd->bhqk")
+        last = ops.exp(last - top)
         exp = ops.exp(scores - top)
         total = ops.sum(exp, axis=-1, keepdims=True) + (repeats - 1) * last
         weights = exp / total
     else:
         weights = ops.softmax(scores, axis=-1)
     weights = ops.cast(weights, value.dtype)
-    if half:
-        return ops.cast(half_matmul(weights, value, "bhqk,bkhd->bqhd"), dtype)
-    return ops.cast(ops.einsum("bhqk,bkhd->bqhd", weights, value), dtype)
+    return ops.cast(matmul_in_float32(weights, value, "bhqk,bkhd->bqhd"), dtype)

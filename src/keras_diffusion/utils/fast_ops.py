@@ -331,7 +331,7 @@ def linear(layer, inputs, activation=None):
     and `tf.nn.gelu`, the pattern grappler's remapper fuses into one oneDNN
     matmul (Keras' Dense reshapes between its matmul and a plain bias add,
     which stay three ops). On jax a half-precision layer's matmul asks XLA
-    for float32 results (`half_matmul`), and the bias and GELU are added in
+    for float32 results (`matmul_in_float32`), and the bias and GELU are added in
     float32 before one rounding; XLA fuses the rest, and float32 layers are
     simply called. Layers with LoRA, quantization or their own activation,
     and on tensorflow layers without a bias, are simply called too. On a
@@ -368,7 +368,7 @@ def linear(layer, inputs, activation=None):
     bias = None if layer.bias is None else cast(layer.bias, dtype)
     x = cast(inputs, dtype)
     if backend == "jax":
-        out = half_matmul(x, kernel)
+        out = matmul_in_float32(x, kernel)
         if bias is not None:
             out = out + ops.cast(bias, "float32")
         if activation is not None:
@@ -431,22 +431,22 @@ def affine(x, kernel, bias):
     return out if bias is None else out + bias
 
 
-def half_matmul(a, b, subscripts=None):
-    """`ops.matmul(a, b)` (or `ops.einsum(subscripts, a, b)`) of
-    half-precision operands, summed and returned in float32.
+def matmul_in_float32(a, b, subscripts=None):
+    """`ops.matmul(a, b)` (or `ops.einsum(subscripts, a, b)`), summed and
+    returned in float32, for operands of any float dtype.
 
-    On jax, a dot that returns bfloat16 takes a slow path on CPU, while one
-    asked for float32 results (`preferred_element_type`) reaches XLA's fast
-    bfloat16 kernel: a (2048, 384) @ (384, 1536) matmul took 6.1 against
-    10.6 ms, and 9.5 in float32 (ad hoc, AVX512-BF16 EPYC). The products of
-    half-precision numbers are exact in float32, so both are the same
-    matmul up to summation order. Elsewhere (where the model code calls it
-    on jax only) the operands are cast to float32.
+    On jax the dot asks for float32 results (`preferred_element_type`): for
+    half-precision operands that reaches XLA's fast bfloat16 CPU kernel,
+    where a dot returning bfloat16 takes a slow path (a (2048, 384) @ (384,
+    1536) matmul took 6.1 against 10.6 ms, and 9.5 in float32; ad hoc, on
+    an AVX512-BF16 EPYC). The products of half-precision numbers are exact
+    in float32, so both are the same matmul up to summation order. Elsewhere
+    (the model code calls it on jax only) the operands are cast to float32.
 
     Examples:
 
     >>> a = keras.ops.ones((2, 3), "bfloat16")
-    >>> out = half_matmul(a, keras.ops.ones((3, 4), "bfloat16"))
+    >>> out = matmul_in_float32(a, keras.ops.ones((3, 4), "bfloat16"))
     >>> keras.backend.standardize_dtype(out.dtype), float(out[0, 0])
     ('float32', 3.0)
     """
