@@ -147,3 +147,29 @@ def test_building_for_loading_writes_no_page_of_a_skipped_initializer():
         layer.bias.assign(np.zeros(size // 1024, "float32"))
     out = ops.convert_to_numpy(layer(np.ones((1, 1024), "float32")))
     np.testing.assert_array_equal(out, 1024)
+
+
+def test_compiled_functions_release_freed_memory_after_each_compile(monkeypatch):
+    from keras_diffusion.utils import backend
+
+    released = []
+    monkeypatch.setattr(backend, "release_freed_memory", lambda: released.append(1))
+    layer = keras.layers.Dense(3)
+    layer.build((None, 4))
+    double = backend.compile_function(lambda x: layer(x) * 2.0, layer.variables)
+    small, large = np.ones((2, 4), "float32"), np.ones((5, 4), "float32")
+    first = double(small)
+    again = double(small)
+    # Compiling backends trace once per new argument shape or dtype; torch
+    # runs eagerly and compiles nothing.
+    compiles = backend.backend_name() != "torch"
+    assert len(released) == (1 if compiles else 0)
+    double(large)
+    double(small.astype("float16"))
+    double(large)
+    assert len(released) == (3 if compiles else 0)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(first), ops.convert_to_numpy(again)
+    )
+    expected = ops.convert_to_numpy(layer(small)) * 2.0
+    np.testing.assert_allclose(ops.convert_to_numpy(first), expected, rtol=1e-6)

@@ -17,6 +17,11 @@ for the current backend:
 Everything `fn` receives must be an argument; it must not read per-call
 Python attributes, so one compiled function serves every later call.
 
+On jax and tensorflow, a call with arguments of a new shape or dtype traces
+and compiles, and the compiler frees its working memory to the C heap, where
+glibc keeps it; that call then hands it back to the system
+(`release_freed_memory`), so the next phases do not peak on top of it.
+
 The fastest CPU paths of the hot operations (attention, dense, convolution,
 group norm) differ by backend too; they live in `utils.fast_ops`.
 
@@ -56,15 +61,17 @@ def compile_function(fn, variables, jit_compile=False):
         def call(*args):
             return jitted([v.value for v in variables], *args)
 
-        return call
+        return _releasing_after_compiles(call)
     if backend == "tensorflow":
         import tensorflow as tf
 
         # No autograph: the loops are explicit (`ops.fori_loop`), and
         # converting the Python source costs ~30% of a first call's tracing.
         # No shape relaxation: see the module docstring.
-        return tf.function(
-            fn, jit_compile=jit_compile, reduce_retracing=False, autograph=False
+        return _releasing_after_compiles(
+            tf.function(
+                fn, jit_compile=jit_compile, reduce_retracing=False, autograph=False
+            )
         )
     if backend == "torch":
         import torch
@@ -78,6 +85,34 @@ def compile_function(fn, variables, jit_compile=False):
         f"Unsupported Keras backend {backend!r}; keras_diffusion runs on jax, "
         "tensorflow and torch."
     )
+
+
+def _releasing_after_compiles(compiled):
+    """`compiled`, returning freed heap memory after each call that compiled.
+
+    A call whose arguments have a shape or dtype not seen before traces and
+    compiles (each gets its own program: no shape relaxation). XLA's and
+    grappler's working memory is freed by then, but glibc keeps it in its
+    heaps, and the process's later phases then peak on top of it (`python
+    benchmarks/rss_phases.py --backend jax --dtype bfloat16`: README,
+    "peak RSS"). Warm calls pay one set lookup.
+    """
+    seen = set()
+
+    def call(*args):
+        signature = tuple(
+            (tuple(keras.ops.shape(x)), keras.backend.standardize_dtype(x.dtype))
+            if hasattr(x, "dtype")
+            else (type(x), x)
+            for x in keras.tree.flatten(args)
+        )
+        out = compiled(*args)
+        if signature not in seen:
+            seen.add(signature)
+            release_freed_memory()
+        return out
+
+    return call
 
 
 @contextlib.contextmanager
