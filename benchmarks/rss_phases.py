@@ -5,11 +5,14 @@
         [--backend jax|tensorflow|torch]
 
 A sampling thread reads the process's resident set every 2 ms. For ours it
-records the peak within each phase of the task (text encoding, image
-encoding, the denoising loop, decoding) over a 2-step and a 6-step call;
-for diffusers, whose pipeline is one call, the peak of the whole run. Run
-with `MALLOC_MMAP_THRESHOLD_=131072` to see how much of a peak is glibc
-keeping freed heap memory.
+records, for a 2-step call and then a 6-step call, the peak within each
+phase of the task (text encoding, image encoding, the denoising loop,
+decoding) and, in brackets, how far that peak rose above the resident set
+at the phase's start (what the phase itself added; a phase of the second
+call starts from whatever the first call left resident); for diffusers,
+whose pipeline is one call, the peak of the whole run. The last figure is
+the process's peak. Run with `MALLOC_MMAP_THRESHOLD_=131072` to see how much
+of a peak is glibc keeping freed heap memory.
 """
 
 import argparse
@@ -52,12 +55,25 @@ def main():
     if args.system == "diffusers" and args.backend != "torch":
         parser.error("--system diffusers runs on torch only")
 
-    phase, peaks = ["import"], {}
+    # The running interval [name, start, peak]; `peaks` keeps each name's
+    # largest peak and rise over its interval's start.
+    interval, peaks = ["import", 0, 0], {}
+
+    def record(now):
+        interval[2] = max(interval[2], now)
+        name, start, peak = interval
+        old_peak, old_rise = peaks.get(name, (0, 0))
+        peaks[name] = (max(old_peak, peak), max(old_rise, peak - start))
+
+    def enter(name):
+        now = resident_bytes()  # the sampler may not have run since
+        record(now)
+        interval[:] = [name, now, now]
+        record(now)
 
     def sample():
         while True:
-            now = resident_bytes()
-            peaks[phase[0]] = max(peaks.get(phase[0], 0), now)
+            record(resident_bytes())
             time.sleep(0.002)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -67,10 +83,10 @@ def main():
         import diffusers  # noqa: F401
     else:
         import keras_diffusion  # noqa: F401
-    phase[0] = "load"
+    enter("load")
     if args.system == "diffusers":
         run = img2img_speed._runner_diffusers(args.folder, 154, args.dtype, 512)
-        phase[0] = "calls"
+        enter("calls")
     else:
         import keras
 
@@ -82,18 +98,20 @@ def main():
             method = getattr(task, name)
 
             def timed(*a, _method=method, _name=name, **k):
-                phase[0] = _name
+                enter(f"{call[0]} {_name}")
                 out = _method(*a, **k)
                 keras.ops.convert_to_numpy(
                     out["context"] if _name == PHASES[0] else out
                 )
-                phase[0] = "between phases"
+                enter(f"{call[0]} between phases")
                 return out
 
             setattr(task, name, timed)
         image = img2img_speed._image(512)
+        call = [""]
 
         def run(steps):
+            call[0] = f"{steps}-step call:"
             task.generate(
                 {"images": image, "prompts": img2img_speed.PROMPT},
                 num_steps=steps,
@@ -106,9 +124,11 @@ def main():
     run(2)
     run(6)
     time.sleep(0.05)
-    listed = ", ".join(f"{name} {value / 1e9:.3f}" for name, value in peaks.items())
     label = f"{args.system}, {args.backend}, {args.dtype}"
-    print(f"{label}: peak RSS GB by phase: {listed}")
+    print(f"{label}: peak RSS GB by phase (rise over the phase's start):")
+    for name, (peak, rise) in peaks.items():
+        print(f"  {name:36s} {peak / 1e9:.3f} (+{rise / 1e9:.3f})")
+    print(f"  {'process peak':36s} {max(p for p, _ in peaks.values()) / 1e9:.3f}")
 
 
 if __name__ == "__main__":
