@@ -95,7 +95,7 @@ def _releasing_after_compiles(compiled):
     grappler's working memory is freed by then, but glibc keeps it in its
     heaps, and the process's later phases then peak on top of it (`python
     benchmarks/rss_phases.py --backend jax --dtype bfloat16`: README,
-    "peak RSS"). Warm calls pay one set lookup. `__wrapped__` is `compiled`
+    "Performance"). Warm calls pay one set lookup. `__wrapped__` is `compiled`
     (on tensorflow the `tf.function`, for `get_concrete_function`).
     """
     seen = set()
