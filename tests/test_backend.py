@@ -175,3 +175,67 @@ def test_compiled_functions_release_freed_memory_after_each_compile(monkeypatch)
     np.testing.assert_allclose(ops.convert_to_numpy(first), expected, rtol=1e-6)
     if backend.backend_name() == "tensorflow":  # the tf.function stays reachable
         assert double.__wrapped__.experimental_get_tracing_count() == 3
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="grappler's graph rewrites exist only on tensorflow",
+)
+@pytest.mark.parametrize("passes", [1, 2])
+def test_tensorflow_calls_run_with_lighter_rewrites_and_restore_the_thread(
+    monkeypatch, passes
+):
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+    from tensorflow.python.eager import context
+
+    from keras_diffusion.utils import backend
+
+    seen = []
+    original = context.Context.call_function
+
+    def spy(self, name, inputs, num_outputs):
+        config = config_pb2.ConfigProto()
+        config.ParseFromString(self.function_call_options.config_proto_serialized)
+        seen.append(config.graph_options.rewrite_options)
+        return original(self, name, inputs, num_outputs)
+
+    monkeypatch.setattr(context.Context, "call_function", spy)
+    layer = keras.layers.Dense(3)
+    layer.build((None, 4))
+    before = context.context().function_call_options
+    double = backend.compile_function(
+        lambda x: layer(x) * 2.0, layer.variables, rewrite_passes=passes
+    )
+    x = np.arange(8, dtype="float32").reshape(2, 4)
+    out = double(x)
+
+    assert len(seen) == 1
+    rewrites, enums = seen[0], rewriter_config_pb2.RewriterConfig
+    assert rewrites.layout_optimizer == enums.OFF
+    assert rewrites.memory_optimization == enums.NO_MEM_OPT
+    assert rewrites.disable_tfg_optimizer
+    assert rewrites.meta_optimizer_iterations == (enums.ONE, enums.TWO)[passes - 1]
+    # Only the call saw them: the thread's options are the ones it had.
+    assert context.context().function_call_options is before
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(out), ops.convert_to_numpy(layer(x)) * 2.0
+    )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="grappler's graph rewrites exist only on tensorflow",
+)
+def test_tensorflow_keeps_its_default_rewrites_where_a_gpu_is_visible(monkeypatch):
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    from keras_diffusion.utils import backend
+
+    current = context.context().function_call_options
+    assert backend._tf_rewrite_options(current, 1) is not None  # CPU only here
+    gpu = tf.config.LogicalDevice(name="/device:GPU:0", device_type="GPU")
+    monkeypatch.setattr(
+        tf.config, "list_logical_devices", lambda kind=None: [gpu] * (kind == "GPU")
+    )
+    assert backend._tf_rewrite_options(current, 1) is None

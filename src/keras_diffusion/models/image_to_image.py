@@ -131,18 +131,21 @@ class ImageToImage(RectifiedFlowTraining, Task):
             metrics = [keras.metrics.MeanSquaredError()]
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
-    def _function(self, key, fn):
+    def _function(self, key, fn, rewrite_passes=1):
         """`fn` compiled once per key (and per set of backbone variables).
 
         Enabling or merging LoRA changes the backbone's variables; the
         functions compiled for the old set are then dropped.
+        `rewrite_passes`: see `compile_function`.
         """
         signature = hash(tuple(id(v) for v in self.backbone.variables))
         if signature != self._compiled_signature:
             self._compiled.clear()
             self._compiled_signature = signature
         if key not in self._compiled:
-            self._compiled[key] = compile_function(fn, self.backbone.variables)
+            self._compiled[key] = compile_function(
+                fn, self.backbone.variables, rewrite_passes=rewrite_passes
+            )
         return self._compiled[key]
 
     # ------------------------------------------------------------------ hooks

@@ -11,7 +11,8 @@ for the current backend:
   its own trace, as in a fresh task, so a repeated call is bit-identical
   to a fresh task's (a relaxed trace, with unknown batch and size axes,
   picks other kernels: on an AVX2 EPYC it differed from a fresh task by
-  one uint8 level in one pixel);
+  one uint8 level in one pixel); each call carries lighter grappler
+  options on a CPU-only tensorflow (`_tf_rewrite_options`);
 - torch: eager under `torch.no_grad()`.
 
 Everything `fn` receives must be an argument; it must not read per-call
@@ -32,6 +33,7 @@ mesh's batch axis, and `jax.jit` compiles for the shardings it is given.
 """
 
 import contextlib
+import copy
 import functools
 import sys
 import warnings
@@ -44,7 +46,17 @@ def backend_name():
     return keras.backend.backend()
 
 
-def compile_function(fn, variables, jit_compile=False):
+def compile_function(fn, variables, jit_compile=False, rewrite_passes=1):
+    """`fn` compiled for the current backend (see the module docstring).
+
+    `rewrite_passes` (tensorflow only) is how many rounds of grappler's graph
+    rewrites a CPU-only tensorflow runs when it first instantiates a trace
+    (`_tf_rewrite_options`): one is enough for the encoders and the decoder,
+    whose second round changes no node; the MMDiT needs two (its second
+    remapper round fuses about 100 more nodes).
+    """
+    if rewrite_passes not in (1, 2):
+        raise ValueError(f"`rewrite_passes` must be 1 or 2; got {rewrite_passes!r}.")
     backend = backend_name()
     if backend == "jax":
         import jax
@@ -68,10 +80,11 @@ def compile_function(fn, variables, jit_compile=False):
         # No autograph: the loops are explicit (`ops.fori_loop`), and
         # converting the Python source costs ~30% of a first call's tracing.
         # No shape relaxation: see the module docstring.
+        traced = tf.function(
+            fn, jit_compile=jit_compile, reduce_retracing=False, autograph=False
+        )
         return _releasing_after_compiles(
-            tf.function(
-                fn, jit_compile=jit_compile, reduce_retracing=False, autograph=False
-            )
+            _with_rewrite_options(traced, rewrite_passes), traced
         )
     if backend == "torch":
         import torch
@@ -87,7 +100,66 @@ def compile_function(fn, variables, jit_compile=False):
     )
 
 
-def _releasing_after_compiles(compiled):
+def _with_rewrite_options(traced, rewrite_passes):
+    """`traced` (a `tf.function`), called with `_tf_rewrite_options`.
+
+    The options travel with each call (the thread's function-call options,
+    restored after it), so they reach only our compiled functions: other
+    tensorflow code in the process keeps its settings.
+    """
+    try:
+        from tensorflow.python.eager import context
+    except ImportError:  # a tensorflow without this (private) module
+        return traced
+
+    def call(*args):
+        ctx = context.context()
+        before = ctx.function_call_options
+        options = _tf_rewrite_options(before, rewrite_passes)
+        if options is None:
+            return traced(*args)
+        ctx.function_call_options = options
+        try:
+            return traced(*args)
+        finally:
+            ctx.function_call_options = before
+
+    return call
+
+
+def _tf_rewrite_options(current, rewrite_passes):
+    """`current` function-call options with lighter graph rewrites, or None.
+
+    A first call's instantiation of each trace runs grappler: 0.61-0.68 s of
+    the 2.3 s a first `generate` on `bench` spends on top of a warm one
+    (`TF_CPP_VMODULE=meta_optimizer=1`). On a CPU-only tensorflow, three of
+    its optimizers change no node of our graphs yet cost 0.28 s of that (the
+    layout optimizer converts layouts for GPUs, the memory optimizer swaps
+    and recomputes for training, the TFG passes infer shapes the graphs
+    already have), and the second round, which changes nothing outside the
+    MMDiT, 0.12 s more. Without them grappler takes 0.28-0.32 s, and every
+    output is bit-identical (bench and wide, float32 and bfloat16). With a
+    GPU visible, the defaults stay (the layout optimizer serves cuDNN there).
+    """
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+
+    if tf.config.list_logical_devices("GPU"):
+        return None
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(current.config_proto_serialized)
+    rewrites = config.graph_options.rewrite_options
+    enums = rewriter_config_pb2.RewriterConfig
+    rewrites.layout_optimizer = enums.OFF
+    rewrites.memory_optimization = enums.NO_MEM_OPT
+    rewrites.disable_tfg_optimizer = True
+    rewrites.meta_optimizer_iterations = enums.ONE if rewrite_passes == 1 else enums.TWO
+    options = copy.copy(current)
+    options.config_proto_serialized = config
+    return options
+
+
+def _releasing_after_compiles(compiled, wrapped=None):
     """`compiled`, returning freed heap memory after each call that compiled.
 
     A call whose arguments have a shape or dtype not seen before traces and
@@ -95,8 +167,9 @@ def _releasing_after_compiles(compiled):
     grappler's working memory is freed by then, but glibc keeps it in its
     heaps, and the process's later phases then peak on top of it (`python
     benchmarks/rss_phases.py --backend jax --dtype bfloat16`: README,
-    "Performance"). Warm calls pay one set lookup. `__wrapped__` is `compiled`
-    (on tensorflow the `tf.function`, for `get_concrete_function`).
+    "Performance"). Warm calls pay one set lookup. `__wrapped__` is `wrapped`
+    or `compiled` (on tensorflow the `tf.function`, for
+    `get_concrete_function`).
     """
     seen = set()
 
@@ -113,7 +186,7 @@ def _releasing_after_compiles(compiled):
             release_freed_memory()
         return out
 
-    call.__wrapped__ = compiled
+    call.__wrapped__ = compiled if wrapped is None else wrapped
     return call
 
 

@@ -154,8 +154,11 @@ class StableDiffusion3ImageToImage(ImageToImage):
             return self._denoise_stepwise(
                 latents, noise, start_index, num_steps, (cfg, repeats), args, settings
             )
+        # The MMDiT gains from grappler's second round (`compile_function`).
         loop = self._function(
-            ("denoise_loop", cfg, repeats), self._loop_fn(cfg, repeats)
+            ("denoise_loop", cfg, repeats),
+            self._loop_fn(cfg, repeats),
+            rewrite_passes=2,
         )
         return loop(
             latents,
@@ -198,7 +201,7 @@ class StableDiffusion3ImageToImage(ImageToImage):
             )
             return flow_match.euler_step(x, v, sigma, sigma_next)
 
-        step_fn = self._function(("denoise_step", cfg, repeats), step)
+        step_fn = self._function(("denoise_step", cfg, repeats), step, rewrite_passes=2)
         sigmas = args["sigmas"]
         x = flow_match.add_noise(latents, noise, ops.take(sigmas, start))
         progress = keras.utils.Progbar(num_steps - start) if settings.verbose else None
