@@ -18,6 +18,7 @@ from keras_diffusion.models.stable_diffusion_3 import clip_text_encoder
 from keras_diffusion.models.stable_diffusion_3.clip_text_encoder import (
     CLIPTextEncoder,
 )
+from keras_diffusion.utils.backend import compile_function
 
 VOCAB = 1000
 BOS, END = VOCAB - 2, VOCAB - 1  # like CLIP: 49406, 49407
@@ -105,6 +106,18 @@ def test_matches_transformers(reference, index):
     pooled = _numpy(outputs["pooled"])
     np.testing.assert_allclose(hidden, reference["hidden_states"][index], atol=1e-5)
     np.testing.assert_allclose(pooled, reference["pooled"], atol=1e-5)
+
+
+def test_compiled_matches_transformers(reference):
+    # Compiled (on tensorflow: its alike layers share one trace).
+    encoder = _convert(reference["path"], hidden_state_index=-2)
+    outputs = compile_function(encoder, encoder.variables)(_token_ids())
+    np.testing.assert_allclose(
+        _numpy(outputs["hidden_states"]), reference["hidden_states"][-2], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        _numpy(outputs["pooled"]), reference["pooled"], atol=1e-5
+    )
 
 
 def test_pools_at_first_end_token(reference):

@@ -21,6 +21,7 @@ from keras_diffusion.models.stable_diffusion_3.t5_encoder import (
     T5Encoder,
     relative_position_buckets,
 )
+from keras_diffusion.utils.backend import compile_function
 
 VOCAB = 1000
 LENGTH = 160  # longer than relative_attention_max_distance: buckets saturate
@@ -87,6 +88,13 @@ def _numpy(x):
 def test_matches_transformers(reference):
     encoder = _convert(reference["path"])
     actual = _numpy(encoder(_token_ids()))
+    np.testing.assert_allclose(actual, reference["last_hidden_state"], atol=1e-5)
+
+
+def test_compiled_matches_transformers(reference):
+    # Compiled (on tensorflow: its alike layers share one trace).
+    encoder = _convert(reference["path"])
+    actual = _numpy(compile_function(encoder, encoder.variables)(_token_ids()))
     np.testing.assert_allclose(actual, reference["last_hidden_state"], atol=1e-5)
 
 

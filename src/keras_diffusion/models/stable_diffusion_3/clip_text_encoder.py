@@ -12,6 +12,7 @@ from keras import ops
 from keras_diffusion.api_export import register
 from keras_diffusion.utils.fast_attention import joint_attention, split_heads
 from keras_diffusion.utils.fast_ops import layer_normalization, linear
+from keras_diffusion.utils.shared_traces import layer_caller
 
 
 def quick_gelu(x):
@@ -256,8 +257,9 @@ class CLIPTextEncoder(keras.layers.Layer):
 
         selected = self.hidden_state_index % (self.num_layers + 1)
         hidden_states = x
+        call = layer_caller()  # layers alike share one trace
         for i, layer in enumerate(self.encoder_layers):
-            x = layer(x)
+            x = call(layer, x)
             if i + 1 == selected:
                 hidden_states = x
 

@@ -19,6 +19,7 @@ from keras_diffusion.models.stable_diffusion_3.mmdit_blocks import (
     timestep_embedding,
 )
 from keras_diffusion.utils.fast_ops import call_layer, chunks, linear, silu
+from keras_diffusion.utils.shared_traces import layer_caller
 
 
 @register
@@ -252,11 +253,12 @@ class MMDiT(keras.layers.Layer):
         if not context_embedded:
             context = self.embed_context(context)
         repeats = {"last_token_repeats": int(last_token_repeats)}
+        call_block = layer_caller(call_layer)  # blocks alike share one trace
         for block in self.blocks:
             if block.context_pre_only:
-                x = call_layer(block, x, context, conditioning, **repeats)
+                x = call_block(block, x, context, conditioning, **repeats)
             else:
-                x, context = call_layer(block, x, context, conditioning, **repeats)
+                x, context = call_block(block, x, context, conditioning, **repeats)
 
         scale, shift = chunks(call_layer(self.output_modulation, conditioning), 2)
         x = norm_modulate(x, shift, scale, self.compute_dtype)

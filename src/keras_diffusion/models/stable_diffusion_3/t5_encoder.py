@@ -20,6 +20,7 @@ from keras import ops
 
 from keras_diffusion.api_export import register
 from keras_diffusion.utils.fast_ops import linear
+from keras_diffusion.utils.shared_traces import layer_caller
 
 
 def relative_position_buckets(
@@ -267,8 +268,9 @@ class T5Encoder(keras.layers.Layer):
         # all blocks.
         position_bias = self.relative_attention_bias(buckets)
         position_bias = ops.expand_dims(ops.transpose(position_bias, (2, 0, 1)), 0)
+        call = layer_caller()  # layers alike share one trace
         for layer in self.encoder_layers:
-            x = layer(x, position_bias)
+            x = call(layer, x, position_bias)
         return ops.cast(self.final_norm(x), self.compute_dtype)
 
     def compute_output_spec(self, token_ids):

@@ -1,0 +1,99 @@
+"""One traced graph for a model's repeated layers, on tensorflow.
+
+A tensorflow trace builds every graph op in Python: each MMDiT block of
+`bench` traces as about 290 ops (~0.08 s), and SD3-medium has 24 blocks,
+CLIP-G 32 layers, T5 24. `layer_caller()` gives a `call(layer, *args,
+**options)` for such a stack: inside a trace, the first layer of each
+structure is traced once as a nested `tf.function` that takes the weights
+as arguments (a `keras.StatelessScope` maps that layer's variables to them),
+and every layer of the same structure calls it with its own weights. The
+nested graph is inlined when tensorflow instantiates the outer one: the
+denoising loop of `bench` traces in 0.28-0.33 s instead of 0.48-0.52, and
+its images came out bit-identical (`bench` and `wide`, float32 and
+bfloat16). The VAE's resnets do not use it: their outputs moved by
+rounding, and their traces got no faster.
+
+Elsewhere (jax traces through `jax.jit` anyway; torch runs eagerly; and
+on tensorflow outside a trace, or with symbolic Keras inputs) `call` calls
+the layer plainly.
+"""
+
+import keras
+
+from keras_diffusion.utils.backend import backend_name
+
+
+def layer_caller(plain_call=None):
+    """A `call(layer, *args, **options)` for one pass over a stack of layers.
+
+    `plain_call(layer, *args, **options)` is how a layer is called where no
+    trace is shared (default: the layer's `__call__`; MMDiT passes
+    `fast_ops.call_layer`).
+
+    Layers share a trace when they have the same structure: the same class
+    and configuration (name aside) for themselves and every sublayer, and
+    variables of the same shapes and dtypes in the same order; `options`
+    (Python values, such as MMDiT's `last_token_repeats`) must match too.
+    The traces live as long as the caller, one pass of one model call.
+
+    Examples:
+
+    >>> import numpy as np
+    >>> layers = [keras.layers.Dense(4, name=f"d{i}") for i in range(3)]
+    >>> x = np.ones((2, 4), "float32")
+    >>> call = layer_caller()
+    >>> for layer in layers:
+    ...     x = call(layer, x)
+    >>> tuple(x.shape)
+    (2, 4)
+    """
+    traces = {}
+
+    def call(layer, *args, **options):
+        if not _in_tensorflow_trace(layer, args):
+            if plain_call is not None:
+                return plain_call(layer, *args, **options)
+            return layer(*args, **options)
+        key = (_structure(layer), repr(sorted(options.items())))
+        if key not in traces:
+            traces[key] = _traced_with_weights(layer, options)
+        return traces[key]([v.value for v in layer.variables], *args)
+
+    return call
+
+
+def _in_tensorflow_trace(layer, args):
+    if backend_name() != "tensorflow" or not layer.built:
+        return False
+    import tensorflow as tf
+
+    return tf.inside_function() and all(tf.is_tensor(a) for a in args)
+
+
+def _structure(layer):
+    """What two layers must share to run as one trace (hashable)."""
+    layers = [layer, *layer._flatten_layers(include_self=False)]
+    configs = []
+    for sublayer in layers:
+        config = dict(sublayer.get_config())
+        config.pop("name", None)
+        configs.append((type(sublayer), repr(sorted(config.items()))))
+    variables = tuple(
+        (tuple(v.shape), keras.backend.standardize_dtype(v.dtype))
+        for v in layer.variables
+    )
+    return tuple(configs), variables
+
+
+def _traced_with_weights(template, options):
+    """`template` as a `tf.function(weights, *args)`, for any layer of its
+    structure: `weights` are that layer's variable values, in order."""
+    import tensorflow as tf
+
+    variables = list(template.variables)
+
+    def run(weights, *args):
+        with keras.StatelessScope(state_mapping=list(zip(variables, weights))):
+            return template(*args, **options)
+
+    return tf.function(run, autograph=False, reduce_retracing=False)
