@@ -22,9 +22,11 @@ def _heads(qkv, heads, head_dim):
 
 
 def test_attention_equals_dot_product_attention_across_query_blocks(monkeypatch):
-    # Blocks of 4 queries split 11 into 4 + 4 + 3 on jax; the other
-    # backends ignore blocks and must agree all the same.
+    # Blocks of 4 queries split 11 into 4 + 4 + 3 on jax and tensorflow
+    # (4 rows of float32 scores over 7 keys, 2 x 3 heads); torch ignores
+    # blocks and must agree all the same.
     monkeypatch.setattr(fast_attention, "ATTENTION_QUERY_BLOCK", 4)
+    monkeypatch.setattr(fast_attention, "TF_SCORES_BYTES", 4 * 4 * 2 * 3 * 7)
     q, k, v = _normal(2, 11, 3, 8), _normal(2, 7, 3, 8), _normal(2, 7, 3, 8)
     got = ops.convert_to_numpy(fast_attention.attention(q, k, v))
     want = ops.convert_to_numpy(ops.dot_product_attention(q, k, v))
@@ -37,8 +39,9 @@ def test_attention_equals_dot_product_attention_across_query_blocks(monkeypatch)
 def test_causal_attention_equals_dot_product_attention_across_query_blocks(
     monkeypatch,
 ):
-    # The mask must follow each jax query block's offset (4 + 4 + 3).
+    # The mask must follow each query block's offset (4 + 4 + 3).
     monkeypatch.setattr(fast_attention, "ATTENTION_QUERY_BLOCK", 4)
+    monkeypatch.setattr(fast_attention, "TF_SCORES_BYTES", 4 * 4 * 2 * 3 * 11)
     q, k, v = _normal(2, 11, 3, 8), _normal(2, 11, 3, 8), _normal(2, 11, 3, 8)
     got = ops.convert_to_numpy(fast_attention.attention(q, k, v, causal=True))
     want = ops.convert_to_numpy(ops.dot_product_attention(q, k, v, is_causal=True))
@@ -241,3 +244,38 @@ def test_jax_bfloat16_attention_asks_for_float32_dot_results(
     # Two blocks of queries, scores and output each, plus the last key's
     # recomputed score per block when it repeats.
     assert dot_result_dtypes(fn, q) == ["float32"] * 2 * (2 + (repeats > 1))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tensorflow's query blocks"
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_tensorflow_query_blocks_run_one_after_another_with_the_same_numbers(
+    monkeypatch, causal
+):
+    import tensorflow as tf
+
+    # Heads-first (B, heads, T, head_dim), the last key counted 5 times.
+    q, k, v = (_normal(2, 3, 11, 8) for _ in range(3))
+
+    def attend():
+        fn = tf.function(
+            lambda q, k, v: fast_attention._tf_attend(q, k, v, 0.3, causal, 5),
+            autograph=False,
+        )
+        graph = fn.get_concrete_function(q, k, v).graph
+        return ops.convert_to_numpy(fn(q, k, v)), graph
+
+    whole, graph = attend()
+    assert not any(op.control_inputs for op in graph.get_operations())
+    monkeypatch.setattr(fast_attention, "TF_SCORES_BYTES", 4 * 4 * 2 * 3 * 11)
+    blocked, graph = attend()
+    # Blocks 2 and 3 (4 + 4 + 3 queries) each wait for the block before:
+    # their ops have control inputs, the outputs of blocks 1 and 2 (the
+    # first two parts of the concatenation that joins the blocks).
+    join = [op for op in graph.get_operations() if op.type == "ConcatV2"][-1]
+    parts = [t.op for t in join.inputs[:-1]]  # the last input is the axis
+    assert len(parts) == 3
+    waited = {c for op in graph.get_operations() for c in op.control_inputs}
+    assert waited == set(parts[:2])
+    np.testing.assert_allclose(blocked, whole, rtol=1e-6, atol=1e-6)

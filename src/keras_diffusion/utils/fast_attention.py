@@ -12,10 +12,11 @@ weights out where oneDNN computes it: `_tf_softmax`).
   block's score matrix in cache; 1.6-3x faster than Keras' op on CPU);
 - tensorflow: two batched matmuls on heads-first tensors,
   `matmul(q, k, transpose_b=True)`. An einsum transposes its operands again
-  on every call, and query blocks gain nothing where each graph op runs
-  alone. `split_heads` gives q, k and v heads-first straight from the fused
-  q/k/v projection (one transpose per stream; the three are then free
-  leading-axis slices).
+  on every call. Query blocks gain no speed where each graph op runs alone,
+  but scores beyond `TF_SCORES_BYTES` run in blocks, one after another, for
+  memory (`_tf_attend`). `split_heads` gives q, k and v heads-first straight
+  from the fused q/k/v projection (one transpose per stream; the three are
+  then free leading-axis slices).
 
 `benchmarks/attention_speed.py` times `attention` against Keras' op.
 """
@@ -204,18 +205,62 @@ def _tf_attend(query, key, value, scale, causal=False, repeats=1):
     the value's last row is scaled by `repeats` and the output divided by
     that sum, work on `(B, heads, T, head_dim)` tensors instead of a pass
     that adds `log(repeats)` to the `(B, heads, T, T)` scores.
+
+    Where the scores would exceed `TF_SCORES_BYTES`, the queries run
+    in blocks, one after the other (each waits on the last: control
+    dependencies), so that one block's scores and weights are alive at a
+    time; tensorflow's allocator keeps the largest working set a process
+    ever had (README, "Performance").
     """
     import tensorflow as tf
 
     dtype = query.dtype
     query = query * tf.cast(scale, dtype)
+    if repeats > 1:
+        value = _scale_last_token(value, repeats, axis=2)
+    rows = _tf_block_rows(query, key)
+    if rows is None:
+        return _tf_attend_block(query, key, value, dtype, causal, 0, repeats)
+    outputs = []
+    for start in range(0, query.shape[2], rows):
+        with tf.control_dependencies(outputs[-1:]):
+            block = query[:, :, start : start + rows]
+        outputs.append(
+            _tf_attend_block(block, key, value, dtype, causal, start, repeats)
+        )
+    return tf.concat(outputs, axis=2)
+
+
+# The largest score tensor (`(B, heads, queries, keys)`, in the query's
+# dtype) that tensorflow's attention computes in one piece, in bytes: wide's
+# float32 scores (233 MB) run in 7 blocks, bench's (58 MB) in 2, its
+# bfloat16 ones in one.
+TF_SCORES_BYTES = 32 * 2**20
+
+
+def _tf_block_rows(query, key):
+    """Queries per block where the scores need blocks (static shapes), or None."""
+    batch, heads, tokens = query.shape[:3]
+    keys = key.shape[2]
+    if not all(isinstance(n, int) for n in (batch, heads, tokens, keys)):
+        return None
+    row_bytes = query.dtype.size * batch * heads * keys
+    if tokens * row_bytes <= TF_SCORES_BYTES:
+        return None
+    return max(1, TF_SCORES_BYTES // row_bytes)
+
+
+def _tf_attend_block(query, key, value, dtype, causal, start, repeats):
+    """`_tf_attend` for queries `start...`, `value` already scaled."""
+    import tensorflow as tf
+
     scores = tf.matmul(query, key, transpose_b=True)
     if causal:
         scores = tf.cast(scores, "float32")
-        scores = _masked(scores, _causal_mask(ops.shape(query)[2], ops.shape(key)[2]))
+        mask = _causal_mask(ops.shape(query)[2], ops.shape(key)[2], start)
+        scores = _masked(scores, mask)
     weights = tf.cast(_tf_softmax(scores), value.dtype)
     if repeats > 1:
-        value = _scale_last_token(value, repeats, axis=2)
         total = 1.0 + (repeats - 1) * tf.cast(weights[:, :, :, -1:], "float32")
     out = tf.matmul(weights, value)
     if repeats > 1:
