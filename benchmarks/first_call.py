@@ -58,8 +58,8 @@ def time_tracing(task, traces):
     """
     function = task._function
 
-    def traced_function(key, fn):
-        compiled = function(key, fn)
+    def traced_function(key, fn, **options):
+        compiled = function(key, fn, **options)
         inner = getattr(compiled, "__wrapped__", None)
         if not hasattr(inner, "get_concrete_function"):
             return compiled
