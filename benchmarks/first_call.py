@@ -12,12 +12,17 @@ phase that is much slower on its first call than later compiled something; a
 call with a new `num_steps` that is as fast as a repeated one compiled
 nothing. On tensorflow, a call that traced also lists how long each traced
 function's tracing took (part of its phase's time; the rest of a first
-call's extra time is the graph's first execution).
+call's extra time is the graph's first execution). `--grappler` (tensorflow)
+adds each call's grappler time: the sum of the optimizer times tensorflow
+logs with `TF_CPP_VMODULE=meta_optimizer=1`, read from this process's stderr.
 """
 
 import argparse
+import contextlib
 import os
+import re
 import sys
+import tempfile
 import time
 
 START = time.perf_counter()
@@ -77,6 +82,34 @@ def time_tracing(task, traces):
     task._function = traced_function
 
 
+class GrapplerLog:
+    """Collects tensorflow's grappler log lines (stderr, fd 2) during a block."""
+
+    TIME = re.compile(r"meta_optimizer.*: Graph size after: .* time = ([0-9.]+)ms")
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        self.file = tempfile.TemporaryFile(mode="w+")
+        os.dup2(self.file.fileno(), 2)
+        self.runs, self.seconds = 0, 0.0
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        for line in self.file:
+            match = self.TIME.search(line)
+            if match:
+                self.runs += 1
+                self.seconds += float(match.group(1)) / 1000
+            else:
+                sys.stderr.write(line)
+        self.file.close()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", default="/tmp/kd-speed-bench/ours_154")
@@ -85,7 +118,12 @@ def main():
     )
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--grappler", action="store_true", help="time grappler (tensorflow)"
+    )
     args = parser.parse_args()
+    if args.grappler:  # read when tensorflow loads
+        os.environ["TF_CPP_VMODULE"] = "meta_optimizer=1"
 
     import keras
 
@@ -108,21 +146,27 @@ def main():
     for index, steps in enumerate(args.steps):
         record.clear()
         traces.clear()
-        start = time.perf_counter()
-        task.generate(
-            {"images": image, "prompts": PROMPT},
-            num_steps=steps,
-            guidance_scale=GUIDANCE,
-            strength=1.0,
-            seed=0,
-            verbose=False,
-        )
-        total = time.perf_counter() - start
+        grappler = GrapplerLog() if args.grappler else contextlib.nullcontext()
+        with grappler:
+            start = time.perf_counter()
+            task.generate(
+                {"images": image, "prompts": PROMPT},
+                num_steps=steps,
+                guidance_scale=GUIDANCE,
+                strength=1.0,
+                seed=0,
+                verbose=False,
+            )
+            total = time.perf_counter() - start
         phases = ", ".join(f"{name} {record[name]:.2f}" for name in PHASES)
         print(f"call {index}: {steps} steps {total:.2f} s ({phases})")
         if traces:
             traced = ", ".join(f"{name} {value:.2f}" for name, value in traces.items())
             print(f"  traced: {traced}")
+        if args.grappler:
+            print(
+                f"  grappler: {grappler.runs} optimizer runs, {grappler.seconds:.2f} s"
+            )
 
 
 if __name__ == "__main__":

@@ -130,14 +130,14 @@ def _with_rewrite_options(traced, rewrite_passes):
 def _tf_rewrite_options(current, rewrite_passes):
     """`current` function-call options with lighter graph rewrites, or None.
 
-    A first call's instantiation of each trace runs grappler: 0.61-0.68 s of
-    the 2.3 s a first `generate` on `bench` spends on top of a warm one
-    (`TF_CPP_VMODULE=meta_optimizer=1`). On a CPU-only tensorflow, three of
+    A first call's instantiation of each trace runs grappler: 0.62-0.68 s of
+    the 2.3 s a first `generate` on `bench` spent on top of a warm one
+    (`benchmarks/first_call.py --grappler`). On a CPU-only tensorflow, three of
     its optimizers change no node of our graphs yet cost 0.28 s of that (the
     layout optimizer converts layouts for GPUs, the memory optimizer swaps
     and recomputes for training, the TFG passes infer shapes the graphs
     already have), and the second round, which changes nothing outside the
-    MMDiT, 0.12 s more. Without them grappler takes 0.28-0.32 s, and every
+    MMDiT, 0.12 s more (ad hoc). Without them grappler takes 0.32-0.38 s, and every
     output is bit-identical (bench and wide, float32 and bfloat16). With a
     GPU visible, the defaults stay (the layout optimizer serves cuDNN there).
     """
