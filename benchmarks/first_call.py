@@ -31,7 +31,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.join(os.path.dirname(HERE), "src"))
 
 # The same call img2img_speed.py times: its image, prompt, guidance and steps.
-from img2img_speed import GUIDANCE, LONG, PROMPT, SHORT, _image  # noqa: E402
+from img2img_speed import LONG, SHORT, _image, generate_ours  # noqa: E402
 
 PHASES = ("encode_text", "encode_image", "denoise", "decode")
 
@@ -149,14 +149,7 @@ def main():
         grappler = GrapplerLog() if args.grappler else contextlib.nullcontext()
         with grappler:
             start = time.perf_counter()
-            task.generate(
-                {"images": image, "prompts": PROMPT},
-                num_steps=steps,
-                guidance_scale=GUIDANCE,
-                strength=1.0,
-                seed=0,
-                verbose=False,
-            )
+            generate_ours(task, image, steps)
             total = time.perf_counter() - start
         phases = ", ".join(f"{name} {record[name]:.2f}" for name in PHASES)
         print(f"call {index}: {steps} steps {total:.2f} s ({phases})")

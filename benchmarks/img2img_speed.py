@@ -52,6 +52,18 @@ def _peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def generate_ours(task, image, steps):
+    """The timed call of our task (also `first_call.py`'s): uint8 image."""
+    return task.generate(
+        {"images": image, "prompts": PROMPT},
+        num_steps=steps,
+        guidance_scale=GUIDANCE,
+        strength=1.0,
+        seed=0,
+        verbose=False,
+    )
+
+
 def _runner_ours(folder, tokens, dtype, size, preset=None):
     """`run(steps)` -> uint8 image; `preset` overrides `folder/ours_<tokens>`."""
     import keras_diffusion as kd
@@ -59,18 +71,7 @@ def _runner_ours(folder, tokens, dtype, size, preset=None):
     preset = preset or os.path.join(folder, f"ours_{tokens}")
     task = kd.models.ImageToImage.from_preset(preset, dtype=dtype)
     image = _image(size)
-
-    def run(steps):
-        return task.generate(
-            {"images": image, "prompts": PROMPT},
-            num_steps=steps,
-            guidance_scale=GUIDANCE,
-            strength=1.0,
-            seed=0,
-            verbose=False,
-        )
-
-    return run
+    return lambda steps: generate_ours(task, image, steps)
 
 
 def _runner_diffusers(folder, tokens, dtype, size):
