@@ -239,3 +239,15 @@ def test_tensorflow_keeps_its_default_rewrites_where_a_gpu_is_visible(monkeypatc
         tf.config, "list_logical_devices", lambda kind=None: [gpu] * (kind == "GPU")
     )
     assert backend._tf_rewrite_options(current, 1) is None
+
+
+@pytest.mark.parametrize("shape", [(37, 5, 3), (101,)])
+def test_assign_array_in_slices_writes_every_row_in_place(monkeypatch, shape):
+    from keras_diffusion.utils import backend
+
+    # Slices of a few rows each, and a last slice shorter than the others.
+    monkeypatch.setattr(backend, "ASSIGN_SLICE", 4 * int(np.prod(shape[1:])) * 4)
+    values = np.arange(np.prod(shape), dtype="float32").reshape(shape)
+    variable = keras.Variable(np.zeros(shape, "float32"))
+    assign_array(variable, values)
+    np.testing.assert_array_equal(ops.convert_to_numpy(variable), values)

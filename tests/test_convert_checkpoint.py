@@ -28,7 +28,7 @@ PRESET_FILES = [
     "assets",
     "config.json",
     "metadata.json",
-    "model.weights.h5",
+    "model.safetensors",
     "preprocessor.json",
     "task.json",
 ]
@@ -127,8 +127,8 @@ def test_dtype_option(tool, source, direct, converted, tmp_path):
         assert "bfloat16" in json.dumps(json.load(f)["config"]["dtype"])
     backbone = Backbone.from_preset(str(output))
     assert backbone.compute_dtype == "bfloat16"
-    float32_size = os.path.getsize(os.path.join(converted[0], "model.weights.h5"))
-    assert os.path.getsize(output / "model.weights.h5") < 0.6 * float32_size
+    float32_size = os.path.getsize(os.path.join(converted[0], "model.safetensors"))
+    assert os.path.getsize(output / "model.safetensors") < 0.6 * float32_size
     # Every weight is the float32 one rounded to bfloat16, except the float32
     # islands (norms, ...), which keep their float32 values.
     for ours, reference in zip(backbone.weights, direct.backbone.weights):

@@ -8,7 +8,7 @@ import pytest
 import toy_models
 
 import keras_diffusion as kd
-from keras_diffusion.presets import preset_io
+from keras_diffusion.presets import preset_io, weights_io
 
 
 def _weights(model):
@@ -23,7 +23,7 @@ def test_task_round_trip_keeps_weights_and_files(tmp_path):
         "assets",
         "config.json",
         "metadata.json",
-        "model.weights.h5",
+        "model.safetensors",
         "preprocessor.json",
         "task.json",
     ]
@@ -66,27 +66,32 @@ def test_saving_walk_builds_each_skipset_once(tmp_path, monkeypatch):
     task = toy_models.make_toy_task()
     monkeypatch.setattr(Layer, "__init__", counting_init)
 
-    def save_and_load(folder):
-        task.save_to_preset(tmp_path / folder)
-        loaded = kd.models.ImageToImage.from_preset(str(tmp_path / folder))
-        for a, b in zip(_weights(task.backbone), _weights(loaded.backbone)):
-            np.testing.assert_array_equal(a, b)
-
     def weights_round_trip():
         path = str(tmp_path / "direct.weights.h5")
         task.backbone.save_weights(path)
         task.backbone.load_weights(path)
 
-    cached = references_built(lambda: save_and_load("cached"))
+    cached = references_built(weights_round_trip)
     with monkeypatch.context() as m:
         m.setattr(preset_io, "cache_saving_skipsets", lambda: None)
-        uncached = references_built(lambda: save_and_load("uncached"))
+        uncached = references_built(weights_round_trip)
     # One reference per kind that builds a Layer (Layer, Functional,
     # Sequential), for saving and loading together.
     assert cached <= 3, cached
     assert uncached > cached, (uncached, cached)
-    # A backbone's own save_weights / load_weights take the cache too.
-    assert references_built(weights_round_trip) <= 3
+
+
+def test_presets_from_before_safetensors_still_load(tmp_path):
+    task = toy_models.make_toy_task()
+    task.save_to_preset(tmp_path / "p")
+    os.remove(tmp_path / "p" / "model.safetensors")
+    task.backbone.save_weights(str(tmp_path / "p" / "model.weights.h5"))
+    loaded = kd.models.ImageToImage.from_preset(str(tmp_path / "p"))
+    for a, b in zip(_weights(task.backbone), _weights(loaded.backbone)):
+        np.testing.assert_array_equal(a, b)
+    (tmp_path / "p" / "model.weights.h5").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="Could not load weights from 'model.weights"):
+        kd.models.ImageToImage.from_preset(str(tmp_path / "p"))
 
 
 def test_load_weights_false_gives_fresh_weights(tmp_path):
@@ -117,13 +122,14 @@ def test_backbone_and_preprocessor_presets(tmp_path):
 
 
 def test_sharded_weights_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setattr(preset_io, "SHARD_THRESHOLD_BYTES", 0)
-    monkeypatch.setattr(preset_io, "SHARD_SIZE_GB", 2e-7)  # ~215 bytes a shard
+    monkeypatch.setattr(weights_io, "SHARD_THRESHOLD_BYTES", 0)
+    monkeypatch.setattr(weights_io, "SHARD_BYTES", 215)
     task = toy_models.make_toy_task()
     task.save_to_preset(tmp_path / "p")
     names = os.listdir(tmp_path / "p")
-    assert "model.weights.json" in names and "model.weights.h5" not in names
-    assert len([n for n in names if n.endswith(".weights.h5")]) > 1
+    assert "model.safetensors.index.json" in names
+    assert "model.safetensors" not in names
+    assert len([n for n in names if weights_io.SHARD_NAME.match(n)]) > 1
     loaded = kd.models.ImageToImage.from_preset(str(tmp_path / "p"))
     for a, b in zip(_weights(task.backbone), _weights(loaded.backbone)):
         np.testing.assert_array_equal(a, b)
@@ -136,11 +142,13 @@ def test_atomic_save_keeps_old_preset_on_failure(tmp_path, monkeypatch):
     before = {n: (target / n).read_bytes() for n in os.listdir(target) if n != "assets"}
 
     new = toy_models.make_toy_task()
+    write_file = weights_io._write_file
 
-    def failing_save_weights(*args, **kwargs):
+    def failing_write(path, variables):
+        write_file(path, variables)  # the file is complete on disk, then:
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(new.backbone, "save_weights", failing_save_weights)
+    monkeypatch.setattr(weights_io, "_write_file", failing_write)
     with pytest.raises(RuntimeError, match="simulated"):
         new.save_to_preset(target)
     after = {n: (target / n).read_bytes() for n in os.listdir(target) if n != "assets"}
@@ -170,8 +178,8 @@ def test_refuses_non_empty_non_preset_folder(tmp_path):
 
 def test_missing_file_names_file_and_preset(tmp_path):
     toy_models.make_toy_task().save_to_preset(tmp_path / "p")
-    os.remove(tmp_path / "p" / "model.weights.h5")
-    with pytest.raises(FileNotFoundError, match="model.weights.h5") as e:
+    os.remove(tmp_path / "p" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors") as e:
         kd.models.ImageToImage.from_preset(str(tmp_path / "p"))
     assert str(tmp_path / "p") in str(e.value)
 
@@ -192,8 +200,8 @@ def test_corrupt_config_is_a_clear_error(tmp_path):
 
 def test_corrupt_weights_is_a_clear_error(tmp_path):
     toy_models.make_toy_task().save_to_preset(tmp_path / "p")
-    (tmp_path / "p" / "model.weights.h5").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="Could not load weights"):
+    (tmp_path / "p" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="Could not load weights.*safetensors"):
         kd.models.ImageToImage.from_preset(str(tmp_path / "p"))
 
 

@@ -8,7 +8,7 @@ SD3.5 folder (with `model_index.json`), a Stability single-file checkpoint
 `keras_diffusion.converters.stability_single_file`), a keras_diffusion
 preset folder, a built-in preset name, or a `kaggle://` / `hf://` handle.
 OUTPUT receives a task preset (config.json, task.json, preprocessor.json,
-metadata.json, model.weights.h5, assets/), written atomically: a failed
+metadata.json, model.safetensors, assets/), written atomically: a failed
 conversion leaves no partial OUTPUT, and an existing preset there is only
 replaced once the new one is complete. `--dtype` sets the dtype policy the
 weights are stored and later loaded with (e.g. bfloat16 halves the file).
@@ -24,7 +24,7 @@ Examples:
 >>> main(["sd3_tiny_demo", output, "--quiet"])
 0
 >>> sorted(os.listdir(output))  # doctest: +NORMALIZE_WHITESPACE
-['assets', 'config.json', 'metadata.json', 'model.weights.h5',
+['assets', 'config.json', 'metadata.json', 'model.safetensors',
  'preprocessor.json', 'task.json']
 """
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from keras_diffusion.utils.backend import assign_array
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
     "F16": np.float16,
@@ -34,7 +34,12 @@ class SafetensorsError(ValueError):
     """A safetensors file is corrupt, truncated or not safetensors at all."""
 
 
-def _read_header(path):
+def read_header(path):
+    """`(header, data_start)` of a safetensors file, every entry checked.
+
+    `header` maps each tensor name to its `dtype`, `shape` and
+    `data_offsets` (relative to `data_start`), without `__metadata__`.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw_length = f.read(8)
@@ -51,14 +56,18 @@ def _read_header(path):
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SafetensorsError(f"{path} has a corrupt safetensors header.") from e
     data_start = 8 + header_length
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path} has a safetensors header that is no mapping.")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        if info.get("dtype") not in _DTYPES:
+        if not _well_formed(info):
+            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed entry.")
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
             raise SafetensorsError(
                 f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}."
             )
         begin, end = info["data_offsets"]
-        itemsize = np.dtype(_DTYPES[info["dtype"]]).itemsize
+        itemsize = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
         expected = int(np.prod(info["shape"], dtype=np.int64)) * itemsize
         if end - begin != expected or data_start + end > size:
             raise SafetensorsError(
@@ -66,6 +75,22 @@ def _read_header(path):
                 f"{data_start + begin}..{data_start + end}, file has {size}."
             )
     return header, data_start
+
+
+def _well_formed(info):
+    def whole(values, length=None):
+        return (
+            isinstance(values, list)
+            and (length is None or len(values) == length)
+            and all(isinstance(v, int) and v >= 0 for v in values)
+        )
+
+    return (
+        isinstance(info, dict)
+        and whole(info.get("shape"))
+        and whole(info.get("data_offsets"), 2)
+        and info["data_offsets"][0] <= info["data_offsets"][1]
+    )
 
 
 class TensorSource:
@@ -88,7 +113,7 @@ class TensorSource:
         entries = {}
         for path in paths:
             path = os.fspath(path)
-            header, data_start = _read_header(path)
+            header, data_start = read_header(path)
             for name, info in header.items():
                 entries[name] = (path, info, data_start)
         return cls(entries)
@@ -135,7 +160,7 @@ class TensorSource:
         begin, end = info["data_offsets"]
         # Read straight into the array's memory: one copy of the tensor, not
         # a bytes object and then an array.
-        array = np.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        array = np.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
         with open(path, "rb", buffering=0) as f:
             f.seek(data_start + begin)
             view = memoryview(array.reshape(-1).view(np.uint8))

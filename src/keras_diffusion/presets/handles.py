@@ -20,7 +20,13 @@ HF_SCHEME = "hf://"
 KAGGLE_SCHEME = "kaggle://"
 
 # Files a keras_diffusion preset may hold; a diffusers repo holds others.
-PRESET_PATTERNS = ["*.json", "*.h5", "assets/*", "assets/**/*"]
+PRESET_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.h5",  # presets from before the safetensors format
+    "assets/*",
+    "assets/**/*",
+]
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")

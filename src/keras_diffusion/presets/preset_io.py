@@ -6,12 +6,16 @@ A preset is a folder:
     task.json            the task's own config (no backbone/preprocessor inside)
     preprocessor.json    the preprocessor, tokenizers nested in its config
     metadata.json        versions, parameter count, date
-    model.weights.h5     backbone weights (or model.weights.json + shards)
+    model.safetensors    backbone weights, by variable path (or, above 4 GB,
+                         model.safetensors.index.json + shards; `weights_io`)
     assets/<name>/...    tokenizer files, one folder per preprocessor tokenizer
 
 Saving is atomic: everything is written to a temporary sibling folder, which
 then replaces the target with renames. Loading only instantiates registered
-classes (see `serialization`).
+classes (see `serialization`) and reads only safetensors and JSON, except
+that presets from before the safetensors format (`model.weights.h5`, or
+`model.weights.json` + shards: Keras' format, which holds no code either)
+still load through Keras' weight loader.
 """
 
 import datetime
@@ -24,7 +28,7 @@ import keras
 import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy)
 import numpy as np
 
-from keras_diffusion.presets import serialization
+from keras_diffusion.presets import serialization, weights_io
 from keras_diffusion.utils.backend import loading_weights
 from keras_diffusion.version import __version__
 
@@ -32,12 +36,10 @@ CONFIG_FILE = "config.json"
 TASK_FILE = "task.json"
 PREPROCESSOR_FILE = "preprocessor.json"
 METADATA_FILE = "metadata.json"
-WEIGHTS_FILE = "model.weights.h5"
-SHARDED_WEIGHTS_FILE = "model.weights.json"
 ASSETS_DIR = "assets"
-# Shard above this many bytes of weights (Keras takes the shard size in GB).
-SHARD_THRESHOLD_BYTES = 4 * 1024**3
-SHARD_SIZE_GB = 2.0
+# Keras' weight files, which presets from before the safetensors format hold.
+LEGACY_WEIGHTS_FILE = "model.weights.h5"
+LEGACY_SHARDED_WEIGHTS_FILE = "model.weights.json"
 
 
 def is_preset(path):
@@ -72,14 +74,6 @@ def cache_saving_skipsets():
         if global_state.get_global_attribute(lookup) is None:
             skipset = saving_lib.get_attr_skipset(kind)
             global_state.set_global_attribute(lookup, skipset)
-
-
-def _weights_bytes(model):
-    total = 0
-    for v in model.weights:
-        itemsize = np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
-        total += int(np.prod(v.shape)) * itemsize
-    return total
 
 
 def _parameter_count(model):
@@ -129,12 +123,7 @@ def _write_preset_files(folder, backbone, preprocessor, task):
         )
         metadata["parameter_count"] = _parameter_count(backbone)
         metadata["backbone"] = serialization.serialize(backbone)["registered_name"]
-        if _weights_bytes(backbone) > SHARD_THRESHOLD_BYTES:
-            backbone.save_weights(
-                os.path.join(folder, SHARDED_WEIGHTS_FILE), max_shard_size=SHARD_SIZE_GB
-            )
-        else:
-            backbone.save_weights(os.path.join(folder, WEIGHTS_FILE))
+        weights_io.save_weights(backbone, folder)
     if preprocessor is not None:
         _write_json(
             os.path.join(folder, PREPROCESSOR_FILE),
@@ -219,10 +208,28 @@ class PresetFolder:
         return backbone
 
     def load_weights(self, backbone):
-        name = SHARDED_WEIGHTS_FILE if self.has(SHARDED_WEIGHTS_FILE) else WEIGHTS_FILE
-        path = self.file(name)
+        legacy = [
+            name
+            for name in (LEGACY_SHARDED_WEIGHTS_FILE, LEGACY_WEIGHTS_FILE)
+            if self.has(name)
+        ]
+        if weights_io.has_weights(self.path) or not legacy:
+            name = weights_io.WEIGHTS_FILE
+            if self.has(weights_io.INDEX_FILE):
+                name = weights_io.INDEX_FILE
+            self.file(name)  # names the missing file
+
+            def load():
+                weights_io.load_weights(backbone, self.path)
+
+        else:
+            name = legacy[0]
+
+            def load():
+                backbone.load_weights(self.file(name))
+
         try:
-            backbone.load_weights(path)
+            load()
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(
                 f"Could not load weights from {name!r} of preset {self.handle!r}: {e}"
