@@ -279,3 +279,15 @@ def test_tensorflow_query_blocks_run_one_after_another_with_the_same_numbers(
     waited = {c for op in graph.get_operations() for c in op.control_inputs}
     assert waited == set(parts[:2])
     np.testing.assert_allclose(blocked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tensorflow graph")
+def test_half_precision_scores_use_their_own_block_limit(monkeypatch):
+    import tensorflow as tf
+
+    # 11 queries over 11 keys, 2 x 3 heads: 2 bytes a score in bfloat16.
+    q, k = (tf.zeros((2, 3, 11, 8), dtype) for dtype in ("bfloat16", "float32"))
+    monkeypatch.setattr(fast_attention, "TF_SCORES_BYTES", 4 * 11 * 2 * 3 * 11)
+    monkeypatch.setattr(fast_attention, "TF_HALF_SCORES_BYTES", 2 * 2 * 3 * 11 * 5)
+    assert fast_attention._tf_block_rows(q, q) == 5
+    assert fast_attention._tf_block_rows(k, k) is None

@@ -13,10 +13,11 @@ weights out where oneDNN computes it: `_tf_softmax`).
 - tensorflow: two batched matmuls on heads-first tensors,
   `matmul(q, k, transpose_b=True)`. An einsum transposes its operands again
   on every call. Query blocks gain no speed where each graph op runs alone,
-  but scores beyond `TF_SCORES_BYTES` run in blocks, one after another, for
-  memory (`_tf_attend`). `split_heads` gives q, k and v heads-first straight
-  from the fused q/k/v projection (one transpose per stream; the three are
-  then free leading-axis slices).
+  but scores beyond `TF_SCORES_BYTES` (`TF_HALF_SCORES_BYTES` in 16-bit
+  dtypes) run in blocks, one after another, for memory (`_tf_attend`).
+  `split_heads` gives q, k and v heads-first straight from the fused q/k/v
+  projection (one transpose per stream; the three are then free leading-axis
+  slices).
 
 `benchmarks/attention_speed.py` times `attention` against Keras' op.
 """
@@ -233,9 +234,13 @@ def _tf_attend(query, key, value, scale, causal=False, repeats=1):
 
 # The largest score tensor (`(B, heads, queries, keys)`, in the query's
 # dtype) that tensorflow's attention computes in one piece, in bytes: wide's
-# float32 scores (233 MB) run in 7 blocks, bench's (58 MB) in 2, its
-# bfloat16 ones in one.
+# float32 scores (233 MB) run in 7 blocks, bench's (58 MB) in 2. Half-
+# precision scores get smaller blocks: bench's whole 33 MB bfloat16 scores
+# left the pool allocator fragmented in half the processes (a later call's
+# loop grew it by 0.17 GB, `rss_phases.py`), 8 MB blocks in none of 8, at the
+# same step time; in float32, 8 MB blocks slowed the first call instead.
 TF_SCORES_BYTES = 32 * 2**20
+TF_HALF_SCORES_BYTES = 8 * 2**20
 
 
 def _tf_block_rows(query, key):
@@ -245,9 +250,10 @@ def _tf_block_rows(query, key):
     if not all(isinstance(n, int) for n in (batch, heads, tokens, keys)):
         return None
     row_bytes = query.dtype.size * batch * heads * keys
-    if tokens * row_bytes <= TF_SCORES_BYTES:
+    limit = TF_HALF_SCORES_BYTES if query.dtype.size == 2 else TF_SCORES_BYTES
+    if tokens * row_bytes <= limit:
         return None
-    return max(1, TF_SCORES_BYTES // row_bytes)
+    return max(1, limit // row_bytes)
 
 
 def _tf_attend_block(query, key, value, dtype, causal, start, repeats):
