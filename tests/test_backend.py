@@ -251,3 +251,26 @@ def test_assign_array_in_slices_writes_every_row_in_place(monkeypatch, shape):
     variable = keras.Variable(np.zeros(shape, "float32"))
     assign_array(variable, values)
     np.testing.assert_array_equal(ops.convert_to_numpy(variable), values)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tensorflow's variable modes"
+)
+def test_assign_array_in_slices_leaves_reads_uncopied(monkeypatch):
+    # After a partial write, tensorflow copies a variable on every read
+    # (copy-on-read) unless told otherwise: each step would copy the weights.
+    import tensorflow as tf
+
+    from keras_diffusion.utils import backend
+
+    monkeypatch.setattr(backend, "ASSIGN_SLICE", 4 * 8 * 4)
+    values = np.arange(64 * 8, dtype="float32").reshape(64, 8)
+    variable = keras.Variable(np.zeros((64, 8), "float32"))
+    assign_array(variable, values)
+    reads = [
+        tf.raw_ops.ReadVariableOp(resource=variable.value.handle, dtype=tf.float32)
+        for _ in range(3)
+    ]
+    addresses = {np.from_dlpack(read).ctypes.data for read in reads}
+    assert len(addresses) == 1
+    np.testing.assert_array_equal(reads[0].numpy(), values)

@@ -329,8 +329,9 @@ def assign_array(variable, array):
     On torch the array is copied straight into the variable's storage; on
     tensorflow a large array is assigned in slices of about `ASSIGN_SLICE`
     bytes along its first axis, so the temporary copies stay small (row
-    scatters: as fast as one whole assignment, where sliced `assign`s were
-    four times slower, each reading the variable for its slice). Every
+    scatters, as fast as one whole assignment; sliced `assign`s were four to
+    six times slower), and the variable is then taken out of the copy-on-read
+    mode that any partial write puts it in. Every
     `RELEASE_EVERY` bytes assigned, the memory the C heap keeps from the
     freed arrays is handed back to the system (`release_freed_memory`), so
     a conversion's peak stays near the model's own size.
@@ -374,6 +375,9 @@ def assign_array(variable, array):
             variable.value.scatter_update(
                 tf.IndexedSlices(array[start:stop], tf.range(start, stop))
             )
+        # A partial write (scatter or sliced assign) switches the variable to
+        # copy-on-read: every later read, each step's included, would copy it.
+        tf.raw_ops.DisableCopyOnRead(resource=variable.value.handle)
     else:
         variable.assign(array)
     _assigned_bytes += array.nbytes
