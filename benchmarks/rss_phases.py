@@ -5,7 +5,8 @@
         [--backend jax|tensorflow|torch]
 
 A sampling thread reads the process's resident set every 2 ms. For ours it
-records, for a 2-step call and then a 6-step call, the peak within each
+records, for a 2-step call and then a 6-step call (`--steps` sets the
+calls and their order), the peak within each
 phase of the task (text encoding, image encoding, the denoising loop,
 decoding) and, in brackets, how far that peak rose above the resident set
 at the phase's start (what the phase itself added; a phase of the second
@@ -50,6 +51,9 @@ def main():
     parser.add_argument("--folder", default="/tmp/kd-speed-bench")
     parser.add_argument(
         "--backend", default="torch", choices=("jax", "tensorflow", "torch")
+    )
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=[2, 6], help="num_steps per call"
     )
     args = parser.parse_args()
     if args.system == "diffusers" and args.backend != "torch":
@@ -108,10 +112,11 @@ def main():
 
             setattr(task, name, timed)
         image = img2img_speed._image(512)
-        call = [""]
+        call, done = [""], []
 
         def run(steps):
-            call[0] = f"{steps}-step call:"
+            call[0] = f"call {len(done) + 1}, {steps} steps:"
+            done.append(steps)
             task.generate(
                 {"images": image, "prompts": img2img_speed.PROMPT},
                 num_steps=steps,
@@ -121,8 +126,8 @@ def main():
                 verbose=False,
             )
 
-    run(2)
-    run(6)
+    for steps in args.steps:
+        run(steps)
     time.sleep(0.05)
     label = f"{args.system}, {args.backend}, {args.dtype}"
     print(f"{label}: peak RSS GB by phase (rise over the phase's start):")

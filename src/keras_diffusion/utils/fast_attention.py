@@ -235,10 +235,10 @@ def _tf_attend(query, key, value, scale, causal=False, repeats=1):
 # The largest score tensor (`(B, heads, queries, keys)`, in the query's
 # dtype) that tensorflow's attention computes in one piece, in bytes: wide's
 # float32 scores (233 MB) run in 7 blocks, bench's (58 MB) in 2. Half-
-# precision scores get smaller blocks: bench's whole 33 MB bfloat16 scores
-# left the pool allocator fragmented in half the processes (a later call's
-# loop grew it by 0.17 GB, `rss_phases.py`), 8 MB blocks in none of 8, at the
-# same step time; in float32, 8 MB blocks slowed the first call instead.
+# precision scores get smaller blocks: with bench's whole 33 MB bfloat16
+# scores a call's loop grew the pool allocator by 0.17 GB in 2 of 4 processes
+# (`rss_phases.py`), with 8 MB blocks in 1 of 9, at the same step time; in
+# float32, 8 MB blocks slowed the first call instead.
 TF_SCORES_BYTES = 32 * 2**20
 TF_HALF_SCORES_BYTES = 8 * 2**20
 
