@@ -13,7 +13,10 @@ at the phase's start (what the phase itself added; a phase of the second
 call starts from whatever the first call left resident); for diffusers,
 whose pipeline is one call, the peak of the whole run. The last figure is
 the process's peak. Run with `MALLOC_MMAP_THRESHOLD_=131072` to see how much
-of a peak is glibc keeping freed heap memory.
+of a peak is glibc keeping freed heap memory. On tensorflow each phase
+also gets the peak use of tensorflow's CPU allocator pool, in MiB
+(`tf.config.experimental.get_memory_info`): with oneDNN on, the pool never
+returns memory, so its regions stay resident.
 """
 
 import argparse
@@ -61,7 +64,17 @@ def main():
 
     # The running interval [name, start, peak]; `peaks` keeps each name's
     # largest peak and rise over its interval's start.
-    interval, peaks = ["import", 0, 0], {}
+    interval, peaks, pool_peaks = ["import", 0, 0], {}, {}
+    tensorflow = args.system == "ours" and args.backend == "tensorflow"
+
+    def record_pool(name):
+        if not tensorflow or "tensorflow" not in sys.modules:
+            return
+        import tensorflow as tf
+
+        peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+        pool_peaks[name] = max(pool_peaks.get(name, 0), peak)
+        tf.config.experimental.reset_memory_stats("CPU:0")
 
     def record(now):
         interval[2] = max(interval[2], now)
@@ -72,6 +85,7 @@ def main():
     def enter(name):
         now = resident_bytes()  # the sampler may not have run since
         record(now)
+        record_pool(interval[0])
         interval[:] = [name, now, now]
         record(now)
 
@@ -129,10 +143,14 @@ def main():
     for steps in args.steps:
         run(steps)
     time.sleep(0.05)
+    record_pool(interval[0])
     label = f"{args.system}, {args.backend}, {args.dtype}"
     print(f"{label}: peak RSS GB by phase (rise over the phase's start):")
     for name, (peak, rise) in peaks.items():
-        print(f"  {name:36s} {peak / 1e9:.3f} (+{rise / 1e9:.3f})")
+        pool = ""
+        if name in pool_peaks:
+            pool = f"  pool {pool_peaks[name] / 2**20:.0f} MiB"
+        print(f"  {name:36s} {peak / 1e9:.3f} (+{rise / 1e9:.3f}){pool}")
     print(f"  {'process peak':36s} {max(p for p, _ in peaks.values()) / 1e9:.3f}")
 
 
