@@ -274,3 +274,47 @@ def test_assign_array_in_slices_leaves_reads_uncopied(monkeypatch):
     addresses = {np.from_dlpack(read).ctypes.data for read in reads}
     assert len(addresses) == 1
     np.testing.assert_array_equal(reads[0].numpy(), values)
+
+
+def test_sequential_fori_loop_matches_fori_loop_compiled_and_eager():
+    from keras_diffusion.utils.backend import compile_function, sequential_fori_loop
+
+    def body(i, x):  # depends on the index and on the order of iterations
+        return x * 1.5 + ops.cast(i, "float32")
+
+    def run(loop):
+        return lambda x, start, end: loop(start, end, body, ops.convert_to_tensor(x))
+
+    x = np.array([1.0, -2.0], "float32")
+    start, end = np.int32(2), np.int32(7)
+    expected = x.copy()
+    for i in range(2, 7):
+        expected = expected * 1.5 + i
+    for loop in (sequential_fori_loop, ops.fori_loop):
+        eager = ops.convert_to_numpy(run(loop)(x, start, end))
+        compiled = ops.convert_to_numpy(compile_function(run(loop), [])(x, start, end))
+        np.testing.assert_allclose(eager, expected, rtol=1e-6)
+        np.testing.assert_array_equal(compiled, eager)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="only tensorflow's while_loop runs iterations in parallel",
+)
+def test_sequential_fori_loop_is_one_iteration_at_a_time_on_tensorflow():
+    import tensorflow as tf
+
+    from keras_diffusion.utils.backend import sequential_fori_loop
+
+    def while_ops(loop):
+        fn = tf.function(lambda x: loop(0, 3, lambda i, v: v * 2.0, x), autograph=False)
+        graph = fn.get_concrete_function(tf.TensorSpec([2], "float32")).graph
+        return [
+            op.get_attr("parallel_iterations")
+            for op in graph.get_operations()
+            if op.type in ("While", "StatelessWhile")
+        ]
+
+    assert while_ops(sequential_fori_loop) == [1]
+    # What it replaces: Keras' loop lets tensorflow start up to 10 at once.
+    assert while_ops(ops.fori_loop) == [10]

@@ -197,3 +197,36 @@ def test_tf_data_input_generates_batch_by_batch(reference):
         {"images": images[:2], "prompts": prompts[:2]}, num_steps=2, seed=4
     )
     np.testing.assert_array_equal(out[:2], rng_first)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="only tensorflow's while_loop runs iterations in parallel",
+)
+def test_denoising_loop_runs_one_step_at_a_time_on_tensorflow(monkeypatch):
+    # Parallel iterations let later steps hold buffers during the current one
+    # (`utils.backend.sequential_fori_loop`).
+    import tensorflow as tf
+
+    built = []
+    while_loop = tf.while_loop
+
+    def recording_while_loop(*args, parallel_iterations=10, **kwargs):
+        built.append(parallel_iterations)
+        return while_loop(*args, parallel_iterations=parallel_iterations, **kwargs)
+
+    monkeypatch.setattr(tf, "while_loop", recording_while_loop)
+    task = kd.models.ImageToImage.from_preset("sd3_tiny_demo")
+    images, posterior_noise, noise = _case(
+        1, 32, 32, 0, task.backbone.downsample_factor
+    )
+    task.generate(
+        {"images": images, "prompts": ["a shape"]},
+        num_steps=3,
+        strength=0.8,
+        height=32,
+        width=32,
+        noise=noise,
+        posterior_noise=posterior_noise,
+    )
+    assert built == [1]

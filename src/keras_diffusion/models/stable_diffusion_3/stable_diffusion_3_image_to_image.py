@@ -22,6 +22,7 @@ from keras_diffusion.utils.backend import (
     data_parallel_size,
     distribute_batch,
     lay_out_variables,
+    sequential_fori_loop,
 )
 
 # Sigmas are padded to a multiple of this, so a new `num_steps` reuses the
@@ -187,7 +188,7 @@ class StableDiffusion3ImageToImage(ImageToImage):
                 )
                 return flow_match.euler_step(x, v, sigma, sigma_next)
 
-            return ops.fori_loop(start, end, body, x)
+            return sequential_fori_loop(start, end, body, x)
 
         return loop
 
