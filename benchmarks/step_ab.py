@@ -7,8 +7,9 @@
 
 All transformers hold the same weights (`speed_models.py`). Each run times
 our `guided_velocity` (batch 2: the CFG halves, text context embedded once,
-as the sampling loop does), compiled as `generate` compiles it
-(`utils.backend.compile_function`), and then the anchor's step on the same
+as the sampling loop does), compiled as `generate` compiles its loop
+(`utils.backend.compile_function`, two rounds of grappler's rewrites on
+tensorflow: one leaves some GELUs unfused), and then the anchor's step on the same
 inputs plus the guidance combination, back to back, so that the machine's
 drift hits both alike. Anchors: diffusers' `SD3Transformer2DModel` (torch
 backend only) and keras-hub 0.32's MMDiT (any backend; `--site` is a folder
@@ -92,7 +93,7 @@ def keras_hub_step(folder, dtype, latents, context, pooled):
         )
         return backbone.cfg(v, guidance)
 
-    compiled = compile_function(fn, backbone.variables)
+    compiled = compile_function(fn, backbone.variables, rewrite_passes=2)
     args = [
         ops.convert_to_tensor(latents),
         ops.convert_to_tensor(context),
@@ -125,7 +126,7 @@ def ours_step(folder, dtype, latents, context, pooled, zero_tokens=0):
             x, tokens, pooled, sigma, guidance, True, **options
         )
 
-    compiled = compile_function(fn, backbone.variables)
+    compiled = compile_function(fn, backbone.variables, rewrite_passes=2)
     args = [
         ops.convert_to_tensor(latents),
         tokens,
