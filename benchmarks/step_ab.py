@@ -104,7 +104,7 @@ def keras_hub_step(folder, dtype, latents, context, pooled):
     return lambda: compiled(*args)
 
 
-def ours_step(folder, dtype, latents, context, pooled, zero_tokens=0):
+def ours_step(folder, dtype, latents, context, pooled, zero_tokens=0, rewrite_passes=2):
     import numpy as np
     from keras import ops
 
@@ -126,7 +126,7 @@ def ours_step(folder, dtype, latents, context, pooled, zero_tokens=0):
             x, tokens, pooled, sigma, guidance, True, **options
         )
 
-    compiled = compile_function(fn, backbone.variables, rewrite_passes=2)
+    compiled = compile_function(fn, backbone.variables, rewrite_passes=rewrite_passes)
     args = [
         ops.convert_to_tensor(latents),
         tokens,
