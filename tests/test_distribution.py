@@ -21,7 +21,7 @@ import keras_diffusion as kd
 from keras_diffusion.models.stable_diffusion_3 import distribution
 from keras_diffusion.presets import catalogue
 from keras_diffusion.utils import backend
-from keras_diffusion.utils.backend import loading_weights
+from keras_diffusion.utils.weight_loading import loading_weights
 
 DEVICES = 4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

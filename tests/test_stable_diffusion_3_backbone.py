@@ -27,7 +27,8 @@ from keras_diffusion.models import (
     StableDiffusion3Backbone,
     StableDiffusion3Preprocessor,
 )
-from keras_diffusion.utils.backend import compile_function, loading_weights
+from keras_diffusion.utils.backend import compile_function
+from keras_diffusion.utils.weight_loading import loading_weights
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")

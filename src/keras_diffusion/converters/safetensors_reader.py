@@ -14,7 +14,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from keras_diffusion.utils.backend import assign_array
+from keras_diffusion.utils.weight_loading import assign_array
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64,

@@ -8,7 +8,7 @@ depend on the format live here; a subclass sets `self.handle` and provides
 `load_preprocessor(expected_base=None)`.
 """
 
-from keras_diffusion.utils.backend import loading_weights
+from keras_diffusion.utils.weight_loading import loading_weights
 
 
 class SD3Checkpoint:

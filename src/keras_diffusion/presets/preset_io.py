@@ -29,7 +29,7 @@ import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy)
 import numpy as np
 
 from keras_diffusion.presets import serialization, weights_io
-from keras_diffusion.utils.backend import loading_weights
+from keras_diffusion.utils.weight_loading import loading_weights
 from keras_diffusion.version import __version__
 
 CONFIG_FILE = "config.json"

@@ -34,7 +34,8 @@ from keras_diffusion.converters.safetensors_reader import (
     SafetensorsError,
     read_header,
 )
-from keras_diffusion.utils.backend import assign_array, release_freed_memory
+from keras_diffusion.utils.backend import release_freed_memory
+from keras_diffusion.utils.weight_loading import assign_array
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

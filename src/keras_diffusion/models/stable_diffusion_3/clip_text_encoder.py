@@ -11,7 +11,8 @@ from keras import ops
 
 from keras_diffusion.api_export import register
 from keras_diffusion.utils.fast_attention import joint_attention, split_heads
-from keras_diffusion.utils.fast_ops import layer_normalization, linear
+from keras_diffusion.utils.fast_elementwise import layer_normalization
+from keras_diffusion.utils.fast_ops import linear
 from keras_diffusion.utils.shared_traces import layer_caller
 
 

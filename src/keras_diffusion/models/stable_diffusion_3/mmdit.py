@@ -18,7 +18,8 @@ from keras_diffusion.models.stable_diffusion_3.mmdit_blocks import (
     norm_modulate,
     timestep_embedding,
 )
-from keras_diffusion.utils.fast_ops import call_layer, chunks, linear, silu
+from keras_diffusion.utils.fast_elementwise import silu
+from keras_diffusion.utils.fast_ops import call_layer, chunks, linear
 from keras_diffusion.utils.shared_traces import layer_caller
 
 

@@ -14,13 +14,14 @@ import keras
 from keras import ops
 
 from keras_diffusion.api_export import register
-from keras_diffusion.utils import fast_ops
+from keras_diffusion.utils import fast_elementwise
 from keras_diffusion.utils.fast_attention import joint_attention, split_heads
+from keras_diffusion.utils.fast_elementwise import gated_residual
 from keras_diffusion.utils.fast_ops import (
+    affine,
     call_layer,
     cast,
     chunks,
-    gated_residual,
     linear,
 )
 
@@ -60,7 +61,7 @@ def timestep_embedding(timestep, dim=TIMESTEP_CHANNELS, max_period=10000.0):
 def norm_modulate(x, shift, scale, dtype="float32"):
     """AdaLN of a non-affine layer norm (last axis, eps 1e-6): float32
     arithmetic, returned in `dtype`."""
-    return fast_ops.norm_modulate(x, shift, scale, LAYER_NORM_EPSILON, dtype)
+    return fast_elementwise.norm_modulate(x, shift, scale, LAYER_NORM_EPSILON, dtype)
 
 
 @register
@@ -104,7 +105,7 @@ class Modulation(keras.layers.Layer):
     def call(self, conditioning):
         f32 = "float32"
         kernel, bias = cast(self.kernel, f32), cast(self.bias, f32)
-        return fast_ops.affine(cast(conditioning, f32), kernel, bias)
+        return affine(cast(conditioning, f32), kernel, bias)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)

@@ -18,7 +18,7 @@ from keras_diffusion.models.stable_diffusion_3.vae_blocks import (
     Upsample,
 )
 from keras_diffusion.utils.fast_conv import conv2d
-from keras_diffusion.utils.fast_ops import silu
+from keras_diffusion.utils.fast_elementwise import silu
 
 LOG_VARIANCE_RANGE = (-30.0, 20.0)
 

@@ -10,7 +10,7 @@ from keras import ops
 from keras_diffusion.api_export import register
 from keras_diffusion.utils.fast_attention import attention
 from keras_diffusion.utils.fast_conv import conv2d, group_norm, upsample_conv2d
-from keras_diffusion.utils.fast_ops import residual_add, silu
+from keras_diffusion.utils.fast_elementwise import residual_add, silu
 
 
 def _conv(filters, kernel_size, name, dtype, strides=1, padding="same"):
