@@ -197,7 +197,7 @@ def test_assign_array_returns_freed_memory_every_release_every_bytes(monkeypatch
     variable = keras.Variable(np.zeros((10,), "float32"))  # 40 bytes a write
     for value in range(5):
         assign_array(variable, np.full((10,), value, "float32"))
-    # 40, 80, 120 -> release; 40, 80: 200 bytes, one release.
+    # The third write reaches 120 >= 100 bytes: one release, then a fresh count.
     assert len(released) == 1
     assign_array(variable, np.full((10,), 5.0, "float32"))
     assert len(released) == 2
