@@ -11,9 +11,14 @@ diffusers' q/k/v are fused into `qkv`, the two-chunk AdaLN projections are
 put back in (shift, scale) order, the VAE goes to the LDM layout (decoder
 levels numbered from the narrowest, attention as 1x1 convolutions).
 diffusers' own `from_single_file` is the judge of whether it is right.
+
+`sd3_case(root)` and `sd35_case(root)` write the two layouts the tests load:
+SD3's all-in-one file and SD3.5's repository folder, each next to the
+diffusers folder of the same pipeline.
 """
 
 import os
+import shutil
 
 import numpy as np
 import sd3_fixtures
@@ -317,3 +322,33 @@ def write_separate(pipeline, folder, name="sd3.5_medium.safetensors"):
         path = os.path.join(folder, "text_encoders", f"{file}.safetensors")
         save_file(encoders[encoder], path)
     return os.path.join(folder, name)
+
+
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+ALL_IN_ONE = "sd3_medium_incl_clips_t5xxl.safetensors"
+
+
+def copy_tokenizers(diffusers, folder):
+    """The diffusers folder's tokenizer folders, copied into `folder`."""
+    for name in TOKENIZERS:
+        shutil.copytree(os.path.join(diffusers, name), os.path.join(folder, name))
+
+
+def sd3_case(root):
+    """(pipeline, diffusers folder, single file with tokenizers beside it)."""
+    pipeline = build_pipeline("sd3")
+    diffusers = sd3_fixtures.save_reference_folder(pipeline, root / "diffusers")
+    os.makedirs(root / "stability")
+    path = write_all_in_one(pipeline, root / "stability" / ALL_IN_ONE)
+    copy_tokenizers(diffusers, root / "stability")
+    return pipeline, diffusers, path
+
+
+def sd35_case(root):
+    """(pipeline, diffusers folder, Stability repository folder)."""
+    pipeline = build_pipeline("sd35", identity_clip_l_projection=True)
+    diffusers = sd3_fixtures.save_reference_folder(pipeline, root / "diffusers")
+    folder = root / "stability"
+    write_separate(pipeline, str(folder))
+    copy_tokenizers(diffusers, folder)
+    return pipeline, diffusers, str(folder)

@@ -38,8 +38,8 @@ import pytest
 from prompt_corpus import open_clip_bpe_path, prompt_corpus, write_clip_vocabulary
 
 from keras_diffusion.models.stable_diffusion_3 import clip_tokenizer as module
-from keras_diffusion.models.stable_diffusion_3.clip_tokenizer import (
-    CLIPTokenizer,
+from keras_diffusion.models.stable_diffusion_3.clip_tokenizer import CLIPTokenizer
+from keras_diffusion.models.stable_diffusion_3.clip_tokenizer_files import (
     load_clip_tokenizer_files,
     read_pad_token,
 )
@@ -330,21 +330,6 @@ def test_load_from_tokenizer_json_folder(clip_dir, corpus, tmp_path, pad_token):
     np.testing.assert_array_equal(ours(corpus), hf_ids(hf, corpus))
     # The vocab.json + merges.txt folder gives the same tables.
     assert load_clip_tokenizer_files(clip_dir) == (vocabulary, merges)
-
-
-def test_folder_helpers_errors_and_formats(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        load_clip_tokenizer_files(str(tmp_path))
-    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')
-    with pytest.raises(ValueError, match="tokenizer.json"):
-        load_clip_tokenizer_files(str(tmp_path))
-    assert read_pad_token(str(tmp_path)) == "<|endoftext|>"
-    (tmp_path / "special_tokens_map.json").write_text(
-        '{"pad_token": {"content": "!", "lstrip": false}}'
-    )
-    assert read_pad_token(str(tmp_path)) == "!"
-    (tmp_path / "tokenizer_config.json").write_text('{"pad_token": "<|endoftext|>"}')
-    assert read_pad_token(str(tmp_path)) == "<|endoftext|>"
 
 
 def test_tf_tokenize_in_dataset_map(clip_dir, corpus):

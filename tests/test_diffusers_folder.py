@@ -11,11 +11,11 @@ import os
 import pathlib
 import pickle
 import shutil
-import tempfile
 
 import numpy as np
 import pytest
 import sd3_fixtures
+from no_writes import fails_without_writing
 
 from keras_diffusion.converters import diffusers_folder
 from keras_diffusion.models import (
@@ -51,36 +51,6 @@ def broken(source, tmp_path):
     folder = tmp_path / "copy" / "diffusers"
     shutil.copytree(source, folder)
     return str(folder)
-
-
-def _tree(path):
-    """Every file and folder under `path`, with size and mtime."""
-    entries = {}
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            full = os.path.join(root, name)
-            stat = os.stat(full)
-            entries[os.path.relpath(full, path)] = (stat.st_size, stat.st_mtime_ns)
-    return entries
-
-
-def _fails_without_writing(folder, load, error, match, monkeypatch, tmp_path):
-    """Run `load(folder)`; check the error and that nothing was written."""
-    workdir = tmp_path / "cwd"
-    tempdir = tmp_path / "tmp"
-    workdir.mkdir()
-    tempdir.mkdir()
-    monkeypatch.chdir(workdir)
-    monkeypatch.setenv("TMPDIR", str(tempdir))
-    monkeypatch.setattr(tempfile, "tempdir", str(tempdir))
-    parent = os.path.dirname(folder)
-    before = _tree(parent)
-    with pytest.raises(error, match=match) as info:
-        load(folder)
-    assert _tree(parent) == before, "the failed load changed the folder"
-    assert os.listdir(workdir) == [], "the failed load wrote to the cwd"
-    assert os.listdir(tempdir) == [], "the failed load wrote temp files"
-    return info.value
 
 
 # ------------------------------------------------------------ loads fine
@@ -139,7 +109,7 @@ def test_truncated_safetensors(broken, monkeypatch, tmp_path):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size // 2)
-    error = _fails_without_writing(
+    error = fails_without_writing(
         broken, ImageToImage.from_preset, ValueError, "truncated", monkeypatch, tmp_path
     )
     assert os.path.join("transformer", "diffusion_pytorch_model.safetensors") in str(
@@ -167,7 +137,7 @@ def test_tensor_of_the_wrong_shape(
     shape = tensors[tensor].shape
     tensors[tensor] = np.zeros((shape[0] + 1,) + shape[1:], tensors[tensor].dtype)
     safetensors_numpy.save_file(tensors, path)
-    error = _fails_without_writing(
+    error = fails_without_writing(
         broken,
         StableDiffusion3Backbone.from_preset,
         ValueError,
@@ -181,7 +151,7 @@ def test_tensor_of_the_wrong_shape(
 @pytest.mark.parametrize("component", ["vae", "tokenizer_2", "text_encoder"])
 def test_missing_component_folder(broken, monkeypatch, tmp_path, component):
     shutil.rmtree(os.path.join(broken, component))
-    error = _fails_without_writing(
+    error = fails_without_writing(
         broken,
         ImageToImage.from_preset,
         FileNotFoundError,
@@ -216,7 +186,7 @@ def test_model_index_with_an_unknown_class(
     index[key] = value
     with open(path, "w") as f:
         json.dump(index, f)
-    error = _fails_without_writing(
+    error = fails_without_writing(
         broken, ImageToImage.from_preset, ValueError, named, monkeypatch, tmp_path
     )
     assert "model_index.json" in str(error)
@@ -244,7 +214,7 @@ def test_pickle_only_component_is_never_unpickled(
         data = pickle.dumps(_Bomb(str(marker)))
     with open(os.path.join(broken, "vae", "diffusion_pytorch_model.bin"), "wb") as f:
         f.write(data)
-    error = _fails_without_writing(
+    error = fails_without_writing(
         broken,
         ImageToImage.from_preset,
         ValueError,

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import sd3_fixtures
 from hub_fixtures import fill_hf_cache
+from no_writes import file_tree
 
 from keras_diffusion.models import ImageToImage
 from keras_diffusion.presets import hf_conversion
@@ -63,14 +64,6 @@ def _with_decoys(clean, tmp_path):
     for rel, data in DECOYS.items():
         (folder / rel).write_bytes(data)
     return str(folder)
-
-
-def _tree(path):
-    return {
-        os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
-        for root, _, names in os.walk(path)
-        for name in names
-    }
 
 
 def _outputs(task):
@@ -132,10 +125,10 @@ def test_hf_outputs_equal_the_local_folder(clean, converted):
 def test_second_load_comes_from_the_cache(converted):
     task, target, _ = converted
     count = len(hf_conversion.conversions)
-    stamps = _tree(target)
+    stamps = file_tree(target)
     again = ImageToImage.from_preset("hf://someone/tiny-sd3")
     assert len(hf_conversion.conversions) == count  # not converted again
-    assert _tree(target) == stamps  # nor rewritten
+    assert file_tree(target) == stamps  # nor rewritten
     for a, b in zip(task.backbone.weights, again.backbone.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(a.numpy()), np.asarray(b.numpy()))
 

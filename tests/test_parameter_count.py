@@ -5,24 +5,32 @@
     transformers' parameter counts at full width (reference models built on
     the meta device, so nothing is allocated), and the catalogue's numbers
     equal the reference counts extrapolated, per layer, to the full depth.
-(c) The catalogue's configs are what `DiffusersFolder.backbone_config()`
-    makes of the Hugging Face repositories' configs, and fit the
-    constructors' signatures.
+(c) The catalogue's parameter counts are the analytic counts of its
+    configs. Its configs themselves: `test_catalogue_configs.py`.
 """
 
 import contextlib
 import doctest
 import functools
-import inspect
 import json
-import os
 
 import keras
 import numpy as np
 import pytest
+from hf_repo_configs import (
+    CATALOGUE,
+    CLIP_G,
+    CLIP_L,
+    HF_REPOS,
+    SD3_MEDIUM_TRANSFORMER,
+    SD3_VAE,
+    SD35_LARGE_TRANSFORMER,
+    SD35_MEDIUM_TRANSFORMER,
+    T5_XXL,
+    catalogue_config,
+)
 
 from keras_diffusion.converters import diffusers_mmdit, diffusers_vae, transformers_text
-from keras_diffusion.converters.diffusers_folder import DiffusersFolder
 from keras_diffusion.models.stable_diffusion_3 import parameter_count as pc
 from keras_diffusion.models.stable_diffusion_3.clip_text_encoder import CLIPTextEncoder
 from keras_diffusion.models.stable_diffusion_3.mmdit import MMDiT
@@ -31,114 +39,6 @@ from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_backbone impor
 )
 from keras_diffusion.models.stable_diffusion_3.t5_encoder import T5Encoder
 from keras_diffusion.models.stable_diffusion_3.vae import VAE
-from keras_diffusion.presets.catalogue import BUILTIN_DIR
-
-# ------------------------------------------------ the Hugging Face configs
-# The architecture keys of the repositories' config.json files.
-CLIP_L = {
-    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "intermediate_size": 3072, "hidden_act": "quick_gelu", "projection_dim": 768,
-    "vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
-    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
-}  # fmt: skip
-CLIP_G = {
-    **CLIP_L, "hidden_size": 1280, "num_hidden_layers": 32,
-    "num_attention_heads": 20, "intermediate_size": 5120, "hidden_act": "gelu",
-    "projection_dim": 1280,
-}  # fmt: skip
-T5_XXL = {
-    "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-    "vocab_size": 32128, "feed_forward_proj": "gated-gelu",
-    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-    "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False,
-}  # fmt: skip
-SD3_VAE = {
-    "in_channels": 3, "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-    "act_fn": "silu", "latent_channels": 16, "norm_num_groups": 32,
-    "sample_size": 1024, "scaling_factor": 1.5305, "shift_factor": 0.0609,
-    "latents_mean": None, "latents_std": None,
-    "use_quant_conv": False, "use_post_quant_conv": False,
-}  # fmt: skip
-SD3_MEDIUM_TRANSFORMER = {
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24,
-    "attention_head_dim": 64, "num_attention_heads": 24,
-    "joint_attention_dim": 4096, "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192,
-}  # fmt: skip
-SD35_MEDIUM_TRANSFORMER = {
-    **SD3_MEDIUM_TRANSFORMER,
-    "pos_embed_max_size": 384,
-    "qk_norm": "rms_norm",
-    "dual_attention_layers": list(range(13)),
-}
-SD35_LARGE_TRANSFORMER = {
-    **SD3_MEDIUM_TRANSFORMER,
-    "num_layers": 38,
-    "num_attention_heads": 38,
-    "caption_projection_dim": 2432,
-    "qk_norm": "rms_norm",
-}
-
-
-def _repo(transformer):
-    return {
-        "transformer": transformer,
-        "vae": SD3_VAE,
-        "text_encoder": CLIP_L,
-        "text_encoder_2": CLIP_G,
-        "text_encoder_3": T5_XXL,
-        "scheduler": {"num_train_timesteps": 1000, "shift": 3.0},
-    }
-
-
-HF_REPOS = {
-    "stable_diffusion_3_medium": _repo(SD3_MEDIUM_TRANSFORMER),
-    "stable_diffusion_3.5_medium": _repo(SD35_MEDIUM_TRANSFORMER),
-    "stable_diffusion_3.5_large": _repo(SD35_LARGE_TRANSFORMER),
-    "stable_diffusion_3.5_large_turbo": _repo(SD35_LARGE_TRANSFORMER),
-}
-MODEL_INDEX = {
-    "_class_name": "StableDiffusion3Pipeline",
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-    "text_encoder_3": ["transformers", "T5EncoderModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "CLIPTokenizer"],
-    "tokenizer_3": ["transformers", "T5TokenizerFast"],
-    "transformer": ["diffusers", "SD3Transformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-
-
-def diffusers_folder_config(repo, folder):
-    """`DiffusersFolder.backbone_config()` of a weightless copy of `repo`."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(MODEL_INDEX, f)
-    for name in [k for k in MODEL_INDEX if not k.startswith("_")]:
-        os.makedirs(os.path.join(folder, name), exist_ok=True)
-    for name, config in repo.items():
-        file = "scheduler_config.json" if name == "scheduler" else "config.json"
-        with open(os.path.join(folder, name, file), "w") as f:
-            json.dump(config, f)
-    # Through JSON, as the catalogue stores it (tuples become lists).
-    return json.loads(json.dumps(DiffusersFolder(folder).backbone_config()))
-
-
-with open(os.path.join(BUILTIN_DIR, "catalogue.json"), encoding="utf-8") as _f:
-    CATALOGUE = json.load(_f)
-
-
-def _config(name):
-    entry = CATALOGUE[name]
-    if "config" in entry:
-        return entry["config"]
-    with open(os.path.join(BUILTIN_DIR, entry["path"], "config.json")) as f:
-        return json.load(f)["config"]
 
 
 # ------------------------------------------- (a) analytic == count_params()
@@ -221,7 +121,7 @@ def test_vae_counts_match_built_layers(quant):
 
 
 def test_backbone_counts_match_built_backbone():
-    demo = _config("sd3_tiny_demo")
+    demo = catalogue_config("sd3_tiny_demo")
     t5 = dict(T5_SMALL, hidden_dim=64, num_heads=4, key_value_dim=16)
     for config in (demo, {**demo, "t5": t5}):
         config = {k: v for k, v in config.items() if k not in ("dtype", "name")}
@@ -374,60 +274,8 @@ def test_catalogue_counts_equal_extrapolated_reference(name):
     assert counts["total_without_t5"] == without_t5 + position_table
 
 
-# --------------------------------------------- (c) the catalogue's configs
-REMOTE = sorted(name for name, entry in CATALOGUE.items() if "sources" in entry)
-
-
-def test_every_remote_entry_has_a_config():
-    assert sorted(HF_REPOS) == REMOTE
-    assert "config" not in CATALOGUE["sd3_tiny_demo"]
-
-
-@pytest.mark.parametrize("name", REMOTE)
-def test_catalogue_config_is_the_diffusers_folder_config(name, tmp_path):
-    assert CATALOGUE[name]["config"] == diffusers_folder_config(
-        HF_REPOS[name], str(tmp_path)
-    )
-
-
-def _accepts(cls, config, allowed=()):
-    """`cls(**config)` would bind: no unknown keys, no missing required ones."""
-    signature = inspect.signature(cls.__init__)
-    named = {n for n, p in signature.parameters.items() if p.kind is not p.VAR_KEYWORD}
-    unknown = set(config) - named - set(allowed)
-    assert not unknown, f"{cls.__name__} does not take {sorted(unknown)}"
-    signature.bind(None, **config)  # a missing required argument raises
-
-
-def _key_tree(value):
-    if isinstance(value, dict):
-        return {k: _key_tree(v) for k, v in value.items()}
-    return None
-
-
-@pytest.mark.parametrize("name", sorted(CATALOGUE))
-def test_catalogue_config_fits_the_constructors(name, tmp_path):
-    config = _config(name)
-    if name in HF_REPOS:
-        folder_config = diffusers_folder_config(HF_REPOS[name], str(tmp_path))
-        assert _key_tree(config) == _key_tree(folder_config)
-    _accepts(StableDiffusion3Backbone, config, ("name", "dtype", "trainable"))
-    for key, cls in (
-        ("clip_l", CLIPTextEncoder),
-        ("clip_g", CLIPTextEncoder),
-        ("t5", T5Encoder),
-        ("mmdit", MMDiT),
-        ("vae", VAE),
-    ):
-        if config.get(key) is not None:
-            _accepts(cls, config[key])
-    # The backbone's own consistency checks, without building it.
-    clip_width = config["clip_l"]["embedding_dim"] + config["clip_g"]["embedding_dim"]
-    assert clip_width <= config["mmdit"]["context_dim"]
-    pooled = config["clip_l"]["projection_dim"] + config["clip_g"]["projection_dim"]
-    assert pooled == config["mmdit"]["pooled_dim"]
-
-
+# ------------------------------- (c) the catalogue's counts are the analytic ones
 @pytest.mark.parametrize("name", sorted(CATALOGUE))
 def test_catalogue_parameters_are_the_analytic_counts(name):
-    assert CATALOGUE[name]["parameters"] == pc.backbone_parameters(_config(name))
+    counts = pc.backbone_parameters(catalogue_config(name))
+    assert CATALOGUE[name]["parameters"] == counts

@@ -13,22 +13,18 @@ files back to the exact diffusers weights. Then:
   `clip_g.safetensors`, `t5xxl_fp16.safetensors`, loaded by its folder;
 
 each must generate what the diffusers folder generates, with the same
-injected noise. Corrupt and hostile inputs fail naming the problem, and
-write nothing.
+injected noise. Corrupt and hostile files: `test_single_file_errors.py`.
 """
 
 import contextlib
 import importlib.util
 import io
 import os
-import pickle
 import shutil
-import tempfile
 
 import huggingface_hub
 import numpy as np
 import pytest
-import sd3_fixtures
 import single_file_fixtures as sff
 from hub_fixtures import fill_hf_cache
 
@@ -38,40 +34,22 @@ from keras_diffusion.models import Backbone, ImageToImage, Preprocessor
 from keras_diffusion.presets import catalogue
 
 pytest.importorskip("diffusers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+pytest.importorskip("safetensors.numpy")
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "convert_checkpoint.py")
-TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
-ALL_IN_ONE = "sd3_medium_incl_clips_t5xxl.safetensors"
-
-
-def _copy_tokenizers(diffusers, folder):
-    for name in TOKENIZERS:
-        shutil.copytree(os.path.join(diffusers, name), os.path.join(folder, name))
+ALL_IN_ONE = sff.ALL_IN_ONE
 
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
     """(pipeline, diffusers folder, single file with tokenizers beside it)."""
-    root = tmp_path_factory.mktemp("sd3")
-    pipeline = sff.build_pipeline("sd3")
-    diffusers = sd3_fixtures.save_reference_folder(pipeline, root / "diffusers")
-    os.makedirs(root / "stability")
-    path = sff.write_all_in_one(pipeline, root / "stability" / ALL_IN_ONE)
-    _copy_tokenizers(diffusers, root / "stability")
-    return pipeline, diffusers, path
+    return sff.sd3_case(tmp_path_factory.mktemp("sd3"))
 
 
 @pytest.fixture(scope="module")
 def sd35(tmp_path_factory):
     """(pipeline, diffusers folder, Stability repository folder)."""
-    root = tmp_path_factory.mktemp("sd35")
-    pipeline = sff.build_pipeline("sd35", identity_clip_l_projection=True)
-    diffusers = sd3_fixtures.save_reference_folder(pipeline, root / "diffusers")
-    folder = root / "stability"
-    sff.write_separate(pipeline, str(folder))
-    _copy_tokenizers(diffusers, folder)
-    return pipeline, diffusers, str(folder)
+    return sff.sd35_case(tmp_path_factory.mktemp("sd35"))
 
 
 def _model_file(case):
@@ -167,7 +145,7 @@ def test_backbone_only_loads_without_tokenizers(sd3, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as error:
         ImageToImage.from_preset(str(lone))
     message = str(error.value)
-    for folder in TOKENIZERS:
+    for folder in sff.TOKENIZERS:
         assert f"{folder}/" in message
     assert str(lone.parent) in message and "hf://stabilityai" in message
 
@@ -180,7 +158,7 @@ def test_tokenizers_come_from_a_cached_builtin_repo(sd3, tmp_path, monkeypatch):
     os.makedirs(lone.parent)
     os.link(path, lone)
     tokenizers = tmp_path / "tokenizers"
-    _copy_tokenizers(diffusers, tokenizers)
+    sff.copy_tokenizers(diffusers, tokenizers)
     cache = tmp_path / "hf"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
@@ -312,209 +290,11 @@ def test_a_diffusers_folder_wins_over_a_single_file_in_it(sd3, tmp_path):
     assert isinstance(open_preset(str(folder / ALL_IN_ONE)), StabilitySingleFile)
 
 
-# ------------------------------------------------------- corrupt and hostile
-def _tree(path):
-    entries = {}
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            full = os.path.join(root, name)
-            stat = os.stat(full)
-            entries[os.path.relpath(full, path)] = (stat.st_size, stat.st_mtime_ns)
-    return entries
-
-
-def _fails_without_writing(preset, error, match, monkeypatch, tmp_path):
-    workdir, tempdir = tmp_path / "cwd", tmp_path / "tmp"
-    workdir.mkdir()
-    tempdir.mkdir()
-    monkeypatch.chdir(workdir)
-    monkeypatch.setenv("TMPDIR", str(tempdir))
-    monkeypatch.setattr(tempfile, "tempdir", str(tempdir))
-    parent = os.path.dirname(preset)
-    before = _tree(parent)
-    with pytest.raises(error, match=match) as info:
-        ImageToImage.from_preset(preset)
-    assert _tree(parent) == before, "the failed load changed the folder"
-    assert os.listdir(workdir) == [] and os.listdir(tempdir) == []
-    return str(info.value)
-
-
-@pytest.fixture
-def broken(sd35, tmp_path):
-    """A fresh copy of the Stability-layout folder, to corrupt."""
-    folder = tmp_path / "copy" / "stability"
-    shutil.copytree(sd35[2], folder)
-    return str(folder)
-
-
-def _rewrite(path, change):
-    tensors = safetensors_numpy.load_file(path)
-    change(tensors)
-    safetensors_numpy.save_file(tensors, path)
-
-
-def test_truncated_file(broken, monkeypatch, tmp_path):
-    path = os.path.join(broken, "sd3.5_medium.safetensors")
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) - 1000)
-    message = _fails_without_writing(
-        path, ValueError, "truncated", monkeypatch, tmp_path
-    )
-    assert path in message
-
-
-@pytest.mark.parametrize(
-    "file, tensor",
-    [
-        ("sd3.5_medium.safetensors", "model.diffusion_model.final_layer.linear.weight"),
-        (
-            "sd3.5_medium.safetensors",
-            "model.diffusion_model.joint_blocks.2.x_block.attn.qkv.weight",
-        ),
-        (
-            "sd3.5_medium.safetensors",
-            "first_stage_model.decoder.up.0.block.0.conv1.weight",
-        ),
-        (
-            "text_encoders/clip_g.safetensors",
-            "text_model.encoder.layers.1.mlp.fc2.weight",
-        ),
-    ],
-)
-def test_tensor_of_the_wrong_shape(broken, monkeypatch, tmp_path, file, tensor):
-    def grow(tensors):
-        shape = tensors[tensor].shape
-        tensors[tensor] = np.zeros((shape[0] + 3,) + shape[1:], np.float32)
-
-    path = os.path.join(broken, file)
-    _rewrite(path, grow)
-    message = _fails_without_writing(broken, ValueError, "shape", monkeypatch, tmp_path)
-    assert repr(tensor) in message and path in message
-
-
-@pytest.mark.parametrize(
-    "tensor, named",
-    [
-        (
-            "model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.weight",
-            "'model.diffusion_model.joint_blocks.1.x_block.mlp.fc2.weight'",
-        ),
-        (
-            "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.bias",
-            "'model.diffusion_model.joint_blocks.0.context_block.attn.qkv.bias'",
-        ),
-        (
-            "first_stage_model.decoder.up.1.block.0.nin_shortcut.weight",
-            "'first_stage_model.decoder.up.1.block.0.nin_shortcut.weight'",
-        ),
-        ("model.diffusion_model.pos_embed", "'pos_embed'"),
-    ],
-)
-def test_missing_tensor(broken, monkeypatch, tmp_path, tensor, named):
-    path = os.path.join(broken, "sd3.5_medium.safetensors")
-    _rewrite(path, lambda tensors: tensors.pop(tensor))
-    message = _fails_without_writing(
-        broken, ValueError, "missing", monkeypatch, tmp_path
-    )
-    assert named in message
-
-
-def test_missing_text_encoder(broken, monkeypatch, tmp_path):
-    os.remove(os.path.join(broken, "text_encoders", "clip_g.safetensors"))
-    message = _fails_without_writing(
-        broken, FileNotFoundError, "clip_g", monkeypatch, tmp_path
-    )
-    assert "clip_g.safetensors" in message and "text_encoders" in message
-
-
-def test_foreign_tensors_are_refused(broken, monkeypatch, tmp_path):
-    path = os.path.join(broken, "sd3.5_medium.safetensors")
-    _rewrite(path, lambda tensors: tensors.update(lora_unet_x=np.zeros(2, "float32")))
-    message = _fails_without_writing(path, ValueError, "no SD3", monkeypatch, tmp_path)
-    assert "lora_unet_x" in message
-
-
-def test_not_an_sd3_file(broken, monkeypatch, tmp_path):
-    path = os.path.join(broken, "text_encoders", "clip_l.safetensors")
-    _fails_without_writing(
-        path, ValueError, "not a Stability SD3 checkpoint", monkeypatch, tmp_path
-    )
-
-
-def test_ambiguous_folder(broken, monkeypatch, tmp_path):
-    shutil.copy(
-        os.path.join(broken, "sd3.5_medium.safetensors"),
-        os.path.join(broken, "sd3.5_medium_copy.safetensors"),
-    )
-    message = _fails_without_writing(broken, ValueError, "2 SD3", monkeypatch, tmp_path)
-    assert "sd3.5_medium_copy.safetensors" in message
-
-
-class _Bomb:
-    """Unpickling this creates the file `path`."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def test_pickle_checkpoint_is_never_unpickled(tmp_path, monkeypatch):
-    marker = tmp_path / "unpickled"
-    folder = tmp_path / "pickles"
-    folder.mkdir()
-    path = folder / "sd3_medium.ckpt"
-    path.write_bytes(pickle.dumps(_Bomb(str(marker))))
-    _fails_without_writing(
-        str(path), ValueError, "never unpickle", monkeypatch, tmp_path
-    )
-    assert not marker.exists()
-
-
 def test_docstring_examples():
     import doctest
 
-    from keras_diffusion.converters import safetensors_reader, stability_keys
+    from keras_diffusion.converters import stability_keys
 
-    for module in (stability_keys, stability_config, safetensors_reader):
+    for module in (stability_keys, stability_config):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0, module.__name__
-
-
-def test_reader_reads_every_dtype_into_fresh_arrays(tmp_path):
-    """Each tensor is read straight into a new array (bfloat16 included)."""
-    import json
-    import struct
-
-    import ml_dtypes
-
-    arrays = {
-        "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
-        "bf16": np.array([1.5, -2.0, 3.25], dtype=ml_dtypes.bfloat16),
-        "i64": np.arange(3, dtype=np.int64),
-        "empty": np.zeros((0, 4), np.float16),
-    }
-    tags = {"f32": "F32", "bf16": "BF16", "i64": "I64", "empty": "F16"}
-    header, offset = {}, 0
-    for name, array in arrays.items():
-        header[name] = {
-            "dtype": tags[name],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        offset += array.nbytes
-    raw = json.dumps(header).encode()
-    path = tmp_path / "x.safetensors"
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for array in arrays.values():
-            f.write(array.tobytes())
-    source = TensorSource.from_files(path)
-    for name, array in arrays.items():
-        got = source.get(name)
-        assert got.dtype == array.dtype and got.flags.writeable, name
-        np.testing.assert_array_equal(got, array)
-    got = source.get("f32")
-    got[...] = 7  # a fresh array: the next read is unaffected
-    assert source.get("f32")[0, 0] == 0.0

@@ -241,6 +241,8 @@ class DiffusersFolder(SD3Checkpoint):
         )
         from keras_diffusion.models.stable_diffusion_3.clip_tokenizer import (
             CLIPTokenizer,
+        )
+        from keras_diffusion.models.stable_diffusion_3.clip_tokenizer_files import (
             load_clip_tokenizer_files,
             read_pad_token,
         )

@@ -335,8 +335,10 @@ class KerasHubPreset(SD3Checkpoint):
 
     def load_preprocessor(self, expected_base=None):
         from keras_diffusion.models.stable_diffusion_3.clip_tokenizer import (
-            END_TOKEN,
             CLIPTokenizer,
+        )
+        from keras_diffusion.models.stable_diffusion_3.clip_tokenizer_files import (
+            END_TOKEN,
         )
         from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_preprocessor import (  # noqa: E501
             StableDiffusion3Preprocessor,

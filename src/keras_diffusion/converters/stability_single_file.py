@@ -315,7 +315,7 @@ class StabilitySingleFile(SD3Checkpoint):
                     continue
 
     def _tokenizer_root(self, needed):
-        from keras_diffusion.models.stable_diffusion_3 import clip_tokenizer
+        from keras_diffusion.models.stable_diffusion_3 import clip_tokenizer_files
 
         def complete(root):
             for name in needed:
@@ -327,7 +327,7 @@ class StabilitySingleFile(SD3Checkpoint):
                     return False
                 if name != "t5":
                     try:
-                        clip_tokenizer.load_clip_tokenizer_files(folder)
+                        clip_tokenizer_files.load_clip_tokenizer_files(folder)
                     except (OSError, ValueError):
                         return False
             return True
@@ -348,6 +348,8 @@ class StabilitySingleFile(SD3Checkpoint):
     def load_preprocessor(self, expected_base=None):
         from keras_diffusion.models.stable_diffusion_3.clip_tokenizer import (
             CLIPTokenizer,
+        )
+        from keras_diffusion.models.stable_diffusion_3.clip_tokenizer_files import (
             load_clip_tokenizer_files,
             read_pad_token,
         )

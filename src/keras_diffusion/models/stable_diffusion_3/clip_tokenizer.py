@@ -33,10 +33,16 @@ import unicodedata
 import numpy as np
 
 from keras_diffusion.api_export import register
+from keras_diffusion.models.stable_diffusion_3.clip_tokenizer_files import (
+    END_TOKEN,
+    START_TOKEN,
+    check_merges,
+    check_vocabulary,
+    read_json,
+    read_merges,
+)
 from keras_diffusion.models.tokenizer import Tokenizer, validate_prompts
 
-START_TOKEN = "<|startoftext|>"
-END_TOKEN = "<|endoftext|>"
 CLIP_SPLIT_PATTERN = (  # CLIP's pre-tokenization regex.
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
     r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
@@ -91,133 +97,6 @@ _MOVED = {b: chr(256 + i) for i, b in enumerate(sorted(set(range(256)) - {*_KEPT
 _BYTE_SYMBOLS = [chr(b) if b in _KEPT else _MOVED[b] for b in range(256)]
 
 
-def _read_json(path, what):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CLIP {what} file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"CLIP {what} file {path} is not valid JSON: {e}") from None
-
-
-def _check_vocabulary(vocabulary, source):
-    if not isinstance(vocabulary, dict) or not vocabulary:
-        raise ValueError(
-            f"CLIP vocabulary ({source}) must be a non-empty mapping of token to "
-            f"id; got {type(vocabulary).__name__}."
-        )
-    for token, index in vocabulary.items():
-        if not (isinstance(token, str) and type(index) is int and index >= 0):
-            raise ValueError(
-                f"CLIP vocabulary ({source}): entry {token!r}: {index!r} is not "
-                "a string mapped to a non-negative int."
-            )
-    return dict(vocabulary)
-
-
-def _read_merges(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CLIP merges file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"CLIP merges file {path} is not UTF-8 text: {e}") from None
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
-    return _check_merges([line for line in lines if line], path)
-
-
-def _check_merges(merges, source):
-    if not isinstance(merges, (list, tuple)):
-        raise ValueError(
-            f"CLIP merges ({source}) must be a list of 'a b' strings; got "
-            f"{type(merges).__name__}."
-        )
-    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
-    for i, pair in enumerate(pairs):
-        if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
-            raise ValueError(
-                f"CLIP merges ({source}): entry {i} must be two symbols "
-                f"separated by one space; got {merges[i]!r}."
-            )
-    return pairs
-
-
-def load_clip_tokenizer_files(folder):
-    """Read `(vocabulary dict, merges list)` from a Hugging Face folder.
-
-    Uses `vocab.json` + `merges.txt` when both exist, else the BPE model in
-    `tokenizer.json` (transformers 5 saves only that file).
-
-    Examples:
-
-    >>> import tempfile
-    >>> from tokenizers import Tokenizer, models
-    >>> vocab = {"a": 0, "b</w>": 1, "ab</w>": 2}
-    >>> folder = tempfile.mkdtemp()
-    >>> Tokenizer(models.BPE(vocab, [("a", "b</w>")])).save(
-    ...     f"{folder}/tokenizer.json")
-    >>> load_clip_tokenizer_files(folder)
-    ({'a': 0, 'b</w>': 1, 'ab</w>': 2}, ['a b</w>'])
-    """
-    vocab_path = os.path.join(folder, "vocab.json")
-    merges_path = os.path.join(folder, "merges.txt")
-    json_path = os.path.join(folder, "tokenizer.json")
-    if os.path.isfile(vocab_path) and os.path.isfile(merges_path):
-        vocabulary = _check_vocabulary(_read_json(vocab_path, "vocabulary"), vocab_path)
-        pairs = _read_merges(merges_path)
-    elif os.path.isfile(json_path):
-        spec = _read_json(json_path, "tokenizer")
-        try:
-            model = spec["model"]
-            if model.get("type", "BPE") != "BPE":
-                raise ValueError(f"model type is {model['type']!r}, not 'BPE'")
-            vocabulary = _check_vocabulary(model["vocab"], json_path)
-            pairs = _check_merges(model["merges"], json_path)
-            for added in spec.get("added_tokens") or []:
-                vocabulary.setdefault(added["content"], added["id"])
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise ValueError(f"{json_path} is not a CLIP BPE tokenizer: {e}") from None
-    else:
-        raise FileNotFoundError(
-            f"No CLIP tokenizer files in {folder}: expected vocab.json and "
-            "merges.txt, or tokenizer.json."
-        )
-    return vocabulary, [f"{a} {b}" for a, b in pairs]
-
-
-def read_pad_token(folder, default=END_TOKEN):
-    """The pad token a Hugging Face tokenizer folder names, else `default`.
-
-    Looks in `tokenizer_config.json`, `special_tokens_map.json`, then the
-    padding section of `tokenizer.json`. SD3's `tokenizer_2` pads with "!".
-
-    Examples:
-
-    >>> import tempfile
-    >>> read_pad_token(tempfile.mkdtemp())
-    '<|endoftext|>'
-    """
-    for name, keys in (
-        ("tokenizer_config.json", ("pad_token",)),
-        ("special_tokens_map.json", ("pad_token",)),
-        ("tokenizer.json", ("padding", "pad_token")),
-    ):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        value = _read_json(path, "tokenizer settings")
-        for key in keys:
-            value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, dict):  # {"content": "!", "__type": "AddedToken"}
-            value = value.get("content")
-        if isinstance(value, str):
-            return value
-    return default
-
-
 @register
 class CLIPTokenizer(Tokenizer):
     """CLIP byte-level BPE tokenizer with fixed-length int32 output.
@@ -270,13 +149,13 @@ class CLIPTokenizer(Tokenizer):
             raise ValueError("Pass both `vocabulary` and `merges`, or neither.")
         if isinstance(vocabulary, (str, os.PathLike)):
             path = os.fspath(vocabulary)
-            vocabulary = _check_vocabulary(_read_json(path, "vocabulary"), path)
+            vocabulary = check_vocabulary(read_json(path, "vocabulary"), path)
         else:
-            vocabulary = _check_vocabulary(vocabulary, "vocabulary")
+            vocabulary = check_vocabulary(vocabulary, "vocabulary")
         if isinstance(merges, (str, os.PathLike)):
-            pairs = _read_merges(os.fspath(merges))
+            pairs = read_merges(os.fspath(merges))
         else:
-            pairs = _check_merges(merges, "merges")
+            pairs = check_merges(merges, "merges")
         specials = list(dict.fromkeys([START_TOKEN, END_TOKEN, self.pad_token]))
         for token in specials:
             if token not in vocabulary:
