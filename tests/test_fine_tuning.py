@@ -13,6 +13,9 @@ from keras import ops
 
 import keras_diffusion as kd
 from keras_diffusion.models import StableDiffusion3ImageToImage
+from keras_diffusion.models.stable_diffusion_3.stable_diffusion_3_backbone import (
+    StableDiffusion3Backbone,
+)
 
 STEPS = 10
 PROMPTS = ["a red circle on a blue background", "a blue square"]
@@ -260,3 +263,56 @@ def test_trainable_components_and_bad_settings(run):
         task.fit(run["raw"], np.zeros(2))
     with pytest.raises(ValueError, match="'images' and 'prompts'"):
         task.fit({"pictures": run["raw"]["images"]})
+
+
+class WholeContextTask(StableDiffusion3ImageToImage):
+    """The reference: trains on the whole context, its zero T5 tail included."""
+
+    def train_velocity(self, latents, t, conditioning):
+        context = ops.cast(conditioning["context"], self.backbone.compute_dtype)
+        pooled = ops.cast(conditioning["pooled"], self.backbone.compute_dtype)
+        return self.backbone.guided_velocity(latents, context, pooled, t, 1.0, False)
+
+
+def test_zero_t5_tail_trains_as_one_token(run, monkeypatch):
+    """Without T5 the context's zero tail trains as one token, as `generate`
+    runs it: the same velocity, and one SGD step moves every weight as
+    training on the whole context does."""
+    collapsed = []
+    collapse = StableDiffusion3Backbone.collapse_context
+
+    def recording(self, context, t5_ran):
+        out = collapse(self, context, t5_ran)
+        collapsed.append((context.shape[1], out[0].shape[1], out[1]))
+        return out
+
+    monkeypatch.setattr(StableDiffusion3Backbone, "collapse_context", recording)
+    ours = kd.models.ImageToImage.from_preset("sd3_tiny_demo", seed=1)
+    loaded = kd.models.ImageToImage.from_preset("sd3_tiny_demo", seed=1)
+    whole = WholeContextTask(loaded.backbone, loaded.preprocessor, seed=1)
+    assert ours.backbone.t5 is None and ours.backbone.t5_sequence_length == 2
+
+    conditioning = ours.precompute(run["raw"])
+    full = ours.backbone.clip_l.max_sequence_length + 2
+    assert conditioning["context"].shape[1] == full  # precompute keeps every token
+    rng = np.random.default_rng(3)
+    latents = rng.standard_normal((2, 8, 8, 16)).astype("float32")
+    t = np.array([0.3, 0.8], "float32")
+    collapsed.clear()
+    velocity = ours.train_velocity(latents, t, conditioning)
+    assert collapsed == [(full, full - 1, 2)]
+    reference = whole.train_velocity(latents, t, conditioning)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(velocity), ops.convert_to_numpy(reference), atol=1e-5
+    )
+
+    before = _snapshot(ours.backbone.mmdit.trainable_weights)
+    for task in (ours, whole):
+        task.compile(optimizer=keras.optimizers.SGD(0.5))
+        task.fit(run["raw"], batch_size=2, epochs=1, shuffle=False, verbose=0)
+    a = _snapshot(ours.backbone.mmdit.trainable_weights)
+    b = _snapshot(whole.backbone.mmdit.trainable_weights)
+    step = max(np.abs(a[p] - before[p]).max() for p in a)
+    error = max(np.abs(a[p] - b[p]).max() for p in a)
+    print(f"largest update {step:.3g}, largest difference {error:.3g}")
+    assert step > 1e-2 and error < 1e-5

@@ -13,7 +13,8 @@ through `StableDiffusion3Backbone.from_preset(folder)` and
   (<= 1e-4);
 
 and bfloat16 / float16 loads run the text encoders and the MMDiT without
-NaN or inf, within a stated relative tolerance of float32.
+NaN or inf, within a stated relative tolerance of float32. `collapse_context`
+shortens only a zero T5 tail.
 """
 
 import json
@@ -24,6 +25,7 @@ import pytest
 import sd3_fixtures
 
 from keras_diffusion.models import (
+    Backbone,
     StableDiffusion3Backbone,
     StableDiffusion3Preprocessor,
 )
@@ -342,3 +344,18 @@ def test_get_config_round_trips(reference):
         Functions(rebuilt).encode_text(ids), reference.functions.encode_text(ids)
     ):
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_collapse_context_only_shortens_a_zero_t5_tail():
+    backbone = Backbone.from_preset("sd3_tiny_demo")  # no T5, 2 zero tokens
+    clip = backbone.clip_l.max_sequence_length
+    ids = np.zeros((1, clip), "int32")
+    context, _ = backbone.encode_text(ids, ids)
+    assert context.shape[1] == clip + 2
+    short, repeats = backbone.collapse_context(context, t5_ran=False)
+    assert (short.shape[1], repeats) == (clip + 1, 2)
+    np.testing.assert_array_equal(_numpy(short), _numpy(context)[:, : clip + 1])
+    # T5's own tokens, or a context of another length, come back whole.
+    for whole, t5_ran in ((context, True), (context[:, :clip], False)):
+        out, repeats = backbone.collapse_context(whole, t5_ran=t5_ran)
+        assert out is whole and repeats == 1

@@ -169,6 +169,22 @@ class StableDiffusion3Backbone(Backbone):
         pooled = ops.concatenate([clip_l["pooled"], clip_g["pooled"]], axis=-1)
         return context, pooled
 
+    def collapse_context(self, context, t5_ran):
+        """`(context, last_token_repeats)`, a zero T5 tail run as one token.
+
+        Where T5 did not run (`t5_ran` False), `encode_text` ends the context
+        in `t5_sequence_length` zero tokens. They stay identical through the
+        MMDiT, so they are passed once, counted `last_token_repeats` times
+        (`MMDiT`): the same velocity for less work. Any other context (T5's
+        tokens, or a length other than `encode_text`'s) comes back whole,
+        with 1.
+        """
+        zeros = 0 if t5_ran else self.t5_sequence_length
+        full = self.clip_l.max_sequence_length + self.t5_sequence_length
+        if zeros <= 1 or context.shape[1] != full:
+            return context, 1
+        return context[:, : full - zeros + 1], zeros
+
     def encode_image(self, images):
         """Images in [-1, 1] -> VAE posterior (mean, log_variance)."""
         return self.vae.encode(images)

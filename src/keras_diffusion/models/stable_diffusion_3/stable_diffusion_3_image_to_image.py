@@ -111,16 +111,12 @@ class StableDiffusion3ImageToImage(ImageToImage):
         )
         args = [ids["clip_l"], ids["clip_g"]] + ([ids["t5"]] if has_t5 else [])
         context, pooled = encode(*[distribute_batch(a) for a in args])
-        # Without T5 the context ends in T5's length of zero tokens, which
-        # stay identical in the MMDiT: it runs them as one (`MMDiT`).
-        zeros = 0 if has_t5 else self.backbone.t5_sequence_length
-        if zeros > 1:
-            context = context[:, : context.shape[1] - zeros + 1]
+        context, repeats = self.backbone.collapse_context(context, has_t5)
         return {
             "context": context,
             "pooled": pooled,
             "cfg": use_guidance,
-            "last_token_repeats": max(zeros, 1),
+            "last_token_repeats": repeats,
         }
 
     def encode_image(self, images, posterior_noise):
@@ -237,7 +233,15 @@ class StableDiffusion3ImageToImage(ImageToImage):
     def train_velocity(self, latents, t, conditioning):
         context = ops.cast(conditioning["context"], self.backbone.compute_dtype)
         pooled = ops.cast(conditioning["pooled"], self.backbone.compute_dtype)
-        return self.backbone.guided_velocity(latents, context, pooled, t, 1.0, False)
+        # A backbone without T5 only makes contexts with a zero T5 tail
+        # (`encode_text`, `precompute`): train on it as one token, as
+        # `generate` runs it (the same velocity and gradients, less work).
+        context, repeats = self.backbone.collapse_context(
+            context, t5_ran=self.backbone.t5 is not None
+        )
+        return self.backbone.guided_velocity(
+            latents, context, pooled, t, 1.0, False, last_token_repeats=repeats
+        )
 
     def decode(self, latents):
         return self._function(("decode",), self.backbone.decode)(
