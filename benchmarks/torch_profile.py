@@ -7,8 +7,8 @@
 Uses the models `img2img_speed.py` prepared under `/tmp/kd-speed-<config>`
 (same weights for both systems). After two warm-up calls it times a 2-step
 and a `--steps` call, then runs the profiler over one more `--steps` call and
-prints torch's operator table (self CPU time), whose shares the README and
-closing notes quote.
+prints torch's operator table (self CPU time), whose shares docs/performance.md
+and the closing notes quote.
 """
 
 import argparse

@@ -172,7 +172,7 @@ def sequential_fori_loop(lower, upper, body, init):
     current step's matmuls run. A bfloat16 6-step loop on `bench` held 139 to
     322 MiB of tensorflow's pool that way (2 of 8 runs above 300), against
     116 to 125 MiB one step at a time, which is no slower and bit-identical
-    (README, "Performance"). jax and torch run the loop in order anyway.
+    (docs/performance.md). jax and torch run the loop in order anyway.
     """
     if backend_name() == "tensorflow":
         import tensorflow as tf
@@ -193,8 +193,8 @@ def _releasing_after_compiles(compiled, wrapped=None):
     compiles (each gets its own program: no shape relaxation). XLA's and
     grappler's working memory is freed by then, but glibc keeps it in its
     heaps, and the process's later phases then peak on top of it (`python
-    benchmarks/rss_phases.py --backend jax --dtype bfloat16`: README,
-    "Performance"). Warm calls pay one set lookup. `__wrapped__` is `wrapped`
+    benchmarks/rss_phases.py --backend jax --dtype bfloat16`:
+    docs/performance.md). Warm calls pay one set lookup. `__wrapped__` is `wrapped`
     or `compiled` (on tensorflow the `tf.function`, for
     `get_concrete_function`).
     """

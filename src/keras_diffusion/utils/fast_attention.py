@@ -211,7 +211,7 @@ def _tf_attend(query, key, value, scale, causal=False, repeats=1):
     in blocks, one after the other (each waits on the last: control
     dependencies), so that one block's scores and weights are alive at a
     time; tensorflow's allocator keeps the largest working set a process
-    ever had (README, "Performance").
+    ever had (docs/performance.md).
     """
     import tensorflow as tf
 

@@ -126,7 +126,7 @@ def _unfilled(shape, dtype=None):
 
     `loading_weights`' stand-in for a random initial value off jax. A fill
     (zeros) would write every page once before the load writes it again,
-    and keep the freed pages resident (README, "loading builds the model").
+    and keep the freed pages resident (docs/performance.md, "loading builds the model").
     """
     dtype = keras.backend.standardize_dtype(dtype or keras.config.floatx())
     if backend_name() == "tensorflow":
