@@ -9,13 +9,13 @@ are refused, never unpickled.
 import contextlib
 import contextvars
 import glob
-import json
 import os
 import re
 
 from keras_diffusion.converters import diffusers_mmdit, diffusers_vae, transformers_text
 from keras_diffusion.converters.safetensors_reader import TensorSource
 from keras_diffusion.converters.sd3_checkpoint import SD3Checkpoint
+from keras_diffusion.utils.python_utils import read_json
 
 MODEL_INDEX = "model_index.json"
 PIPELINES = (
@@ -120,11 +120,7 @@ def safetensors_files(folder, component):
 def _json(path, what):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"The diffusers folder is missing {what} ({path}).")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"Corrupt {what} ({path}): {e}") from e
+    return read_json(path, f"Corrupt {what} ({path})")
 
 
 class DiffusersFolder(SD3Checkpoint):

@@ -32,13 +32,13 @@ Examples:
 (1, 999, 32)
 """
 
-import json
 import os
 import re
 
 from keras_diffusion.converters import diffusers_mmdit, diffusers_vae, transformers_text
 from keras_diffusion.converters import keras_hub_weights as khw
 from keras_diffusion.converters.sd3_checkpoint import SD3Checkpoint
+from keras_diffusion.utils.python_utils import read_json
 
 BACKBONE = "keras_hub>StableDiffusion3Backbone"
 PREPROCESSOR = "keras_hub>StableDiffusion3TextToImagePreprocessor"
@@ -49,11 +49,7 @@ _ASSET_DIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"Corrupt keras-hub preset file {path}: {e}") from e
+    return read_json(path, f"Corrupt keras-hub preset file {path}")
 
 
 def is_keras_hub_preset(path):

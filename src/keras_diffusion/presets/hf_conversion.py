@@ -42,6 +42,7 @@ import tempfile
 
 from keras_diffusion.presets import handles
 from keras_diffusion.presets.preset_io import PresetFolder, is_preset
+from keras_diffusion.utils.python_utils import read_json
 
 CACHE_ENV = "KERAS_DIFFUSION_CACHE"
 MODEL_INDEX = "model_index.json"
@@ -202,11 +203,7 @@ def _repo_files(repo_id, commit, snapshot):
 
 
 def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"Corrupt {path}: {e}") from e
+    return read_json(path, f"Corrupt {path}")
 
 
 def resolve_hf(repo_id, revision=None, allow_patterns=None):

@@ -29,6 +29,7 @@ import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy)
 import numpy as np
 
 from keras_diffusion.presets import serialization, weights_io
+from keras_diffusion.utils.python_utils import read_json
 from keras_diffusion.utils.weight_loading import loading_weights
 from keras_diffusion.version import __version__
 
@@ -174,14 +175,8 @@ class PresetFolder:
         return os.path.exists(os.path.join(self.path, name))
 
     def json(self, name):
-        path = self.file(name)
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(
-                f"Preset {self.handle!r} has a corrupt {name!r}: {e}"
-            ) from e
+        corrupt = f"Preset {self.handle!r} has a corrupt {name!r}"
+        return read_json(self.file(name), corrupt)
 
     def backbone_class(self, expected_base):
         config = self.json(CONFIG_FILE)

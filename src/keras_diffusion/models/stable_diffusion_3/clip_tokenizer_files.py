@@ -7,8 +7,9 @@ preset assets through the same functions, so every source gets the same
 errors, each naming the file or argument at fault.
 """
 
-import json
 import os
+
+from keras_diffusion.utils.python_utils import read_json as load_json
 
 # CLIP's special tokens; SD3's CLIP-L pads with the end token (CLIP-G
 # names "!" in its files).
@@ -20,11 +21,7 @@ def read_json(path, what):
     """The JSON in `path`; errors name the file and what it should hold."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP {what} file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"CLIP {what} file {path} is not valid JSON: {e}") from None
+    return load_json(path, f"CLIP {what} file {path} is not valid JSON")
 
 
 def check_vocabulary(vocabulary, source):
