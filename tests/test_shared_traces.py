@@ -1,6 +1,7 @@
 """`utils.shared_traces`: repeated layers traced once on tensorflow."""
 
 import doctest
+import functools
 
 import keras
 import numpy as np
@@ -128,6 +129,60 @@ def test_an_mmdit_compiled_with_shared_block_traces_matches_its_eager_call():
     compiled = compile_function(mmdit, mmdit.variables)
     out = ops.convert_to_numpy(compiled(latents, context, pooled, timestep))
     np.testing.assert_allclose(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_function_traced_once_serves_every_call_of_its_shapes():
+    calls = []
+
+    def scaled(x, y, scale):
+        calls.append(scale)
+        return (x - y) * scale
+
+    rng = np.random.default_rng(4)
+    a, b = (rng.standard_normal((3, 8)).astype("float32") for _ in range(2))
+    c = rng.standard_normal((5, 8)).astype("float32")
+
+    def fn(a, b, c):
+        return [
+            shared_traces.traced_once(scaled, (a, b), (2.0,)),
+            shared_traces.traced_once(scaled, (b, a), (2.0,)),  # same trace
+            shared_traces.traced_once(scaled, (a, b), (0.5,)),  # another static
+            shared_traces.traced_once(scaled, (c, c), (2.0,)),  # another shape
+        ]
+
+    outs = [ops.convert_to_numpy(o) for o in compile_function(fn, [])(a, b, c)]
+    expected = [(a - b) * 2.0, (b - a) * 2.0, (a - b) * 0.5, np.zeros((5, 8))]
+    for out, value in zip(outs, expected):
+        np.testing.assert_array_equal(out, value.astype("float32"))
+    # Each (static, shapes) traces once on tensorflow, for the whole process.
+    assert calls == ([2.0, 0.5, 2.0] if TENSORFLOW else [2.0, 2.0, 0.5, 2.0])
+    compile_function(fn, [])(a, b, c)
+    assert len(calls) == (3 if TENSORFLOW else 8)
+
+
+@pytest.mark.skipif(not TENSORFLOW, reason="shared traces exist on tensorflow only")
+def test_gradients_flow_through_a_function_traced_once():
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(5).standard_normal((2, 4)), "float32")
+
+    def square_sum(x, shared):
+        if shared:
+            return shared_traces.traced_once(lambda t: t * t, (x,))
+        return x * x
+
+    grads = []
+    for shared in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total = tf.reduce_sum(
+                tf.function(
+                    functools.partial(square_sum, shared=shared), autograph=False
+                )(x)
+            )
+        grads.append(tape.gradient(total, x).numpy())
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6)
+    np.testing.assert_allclose(grads[0], 2 * x.numpy(), rtol=1e-6)
 
 
 def test_docstring_examples_run():

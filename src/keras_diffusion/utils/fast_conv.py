@@ -23,6 +23,7 @@ from keras import ops
 from keras_diffusion.utils.backend import backend_name
 from keras_diffusion.utils.cpu_kernels import emulated_bfloat16, tf_onednn_bfloat16
 from keras_diffusion.utils.fast_ops import cast
+from keras_diffusion.utils.shared_traces import traced_once
 
 
 def conv2d(layer, inputs):
@@ -217,6 +218,14 @@ def group_norm(x, groups, gamma, beta, epsilon):
     >>> bool(abs(float(keras.ops.mean(out))) < 1e-5)
     True
     """
+    if backend_name() == "tensorflow":
+        gamma, beta = cast(gamma, "float32"), cast(beta, "float32")
+        x = ops.convert_to_tensor(x)
+        if not (x.dtype == "bfloat16" and tf_onednn_bfloat16()):
+            x = cast(x, "float32")
+        # One nested trace per shape: a group norm traces as ~40 graph ops,
+        # and a VAE has dozens of them, most alike (`shared_traces`).
+        return traced_once(_tf_group_norm, (x, gamma, beta), (groups, epsilon))
     shape = ops.shape(x)
     channels = x.shape[-1]
     if backend_name() == "torch" and len(shape) == 4:
@@ -249,12 +258,6 @@ def group_norm(x, groups, gamma, beta, epsilon):
             epsilon,
         )
         return out.permute(0, 2, 3, 1)
-    if backend_name() == "tensorflow":
-        gamma, beta = cast(gamma, "float32"), cast(beta, "float32")
-        x = ops.convert_to_tensor(x)
-        if not (x.dtype == "bfloat16" and tf_onednn_bfloat16()):
-            x = cast(x, "float32")
-        return _tf_group_norm(x, groups, gamma, beta, epsilon)
     x = ops.cast(x, "float32")
     grouped = ops.reshape(x, (shape[0], -1, groups, channels // groups))
     mean = ops.mean(grouped, axis=(1, 3), keepdims=True)
@@ -264,7 +267,7 @@ def group_norm(x, groups, gamma, beta, epsilon):
     return normed * ops.cast(gamma, "float32") + ops.cast(beta, "float32")
 
 
-def _tf_group_norm(x, groups, gamma, beta, epsilon):
+def _tf_group_norm(x, gamma, beta, groups, epsilon):
     """`group_norm` on tensorflow.
 
     Per-channel means are one batched matmul of a `1/n` row with the
