@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_diffusion.utils.weight_loading import assign_array, loading_weights
+from keras_diffusion.utils.weight_loading import (
+    adopt_array,
+    assign_array,
+    loading_weights,
+)
 
 
 class Noisy(keras.layers.Layer):
@@ -202,6 +206,51 @@ def test_assign_array_returns_freed_memory_every_release_every_bytes(monkeypatch
     assign_array(variable, np.full((10,), 5.0, "float32"))
     assert len(released) == 2
     np.testing.assert_array_equal(ops.convert_to_numpy(variable), 5.0)
+
+
+def _aligned(values, offset_bytes=0):
+    """A copy of `values` whose data starts `offset_bytes` past 64 bytes."""
+    raw = np.zeros(values.nbytes + 128, "uint8")
+    start = -raw.ctypes.data % 64 + offset_bytes
+    out = raw[start : start + values.nbytes].view(values.dtype).reshape(values.shape)
+    out[...] = values
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adopt_array_shares_memory_on_tensorflow_and_torch(dtype):
+    import ml_dtypes
+
+    numpy_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    values = _aligned(np.arange(32, dtype="float32").reshape(4, 8).astype(numpy_dtype))
+    variable = keras.Variable(np.zeros((4, 8), "float32"), dtype=dtype)
+    adopted = adopt_array(variable, values)
+    assert adopted == (keras.backend.backend() != "jax")
+    if not adopted:
+        return
+    values[0, 0] = 100  # the variable reads the same memory
+    out = ops.convert_to_numpy(ops.cast(variable, "float32"))
+    np.testing.assert_array_equal(out.ravel()[1:], np.arange(1, 32))
+    assert out[0, 0] == 100
+
+
+def test_adopt_array_refuses_what_it_cannot_share():
+    variable = keras.Variable(np.zeros((4, 16), "float32"))
+    values = np.ones((4, 16), "float32")
+    refused = [
+        _aligned(values.astype("float64")),  # another dtype
+        _aligned(values)[:, :8],  # not contiguous, another shape
+        _aligned(np.ones((16, 4), "float32")),  # another shape
+    ]
+    read_only = _aligned(values)
+    read_only.flags.writeable = False
+    refused.append(read_only)
+    if keras.backend.backend() == "tensorflow":
+        # tensorflow aborts the process on foreign memory off 64 bytes.
+        refused.append(_aligned(values, offset_bytes=16))
+    for array in refused:
+        assert not adopt_array(variable, array)
+    np.testing.assert_array_equal(ops.convert_to_numpy(variable), 0.0)
 
 
 def test_doctests():

@@ -13,11 +13,15 @@ a bfloat16 preset is half the size of a float32 one.
 Loading checks the index and every header first (the byte ranges, the names
 against the model's variables, the shapes), so a corrupt or mismatched
 preset fails before any weight is assigned. It then memory-maps each file
-and assigns tensor by tensor straight from the mapping, dropping each
-tensor's pages once assigned: one copy of the data, and a peak of about one
-tensor above the model. Keras' `model.weights.h5` reads each tensor into an
-array and copies it twice more; on the `wide` benchmark model (0.64 GB,
-tensorflow) that took 0.82-0.92 s, against 0.46-0.63 s here (ad hoc timing).
+copy-on-write. On tensorflow and torch a weight stored in its variable's
+dtype and, for tensorflow, 64-byte aligned (in files we write, every
+tensor whose size is a multiple of 64 bytes) becomes the variable's memory
+itself (`adopt_array`): nothing is copied or faulted in at load, and a
+write copies only the pages it touches. The file must then not be rewritten
+in place while the model lives (`save_to_preset` writes a new one). Any
+other weight is copied once from the mapping, its pages dropped once
+assigned. Keras' `model.weights.h5` reads each tensor into an array and
+copies it twice more (docs/performance.md, "presets hold safetensors").
 """
 
 import contextlib
@@ -35,7 +39,7 @@ from keras_diffusion.converters.safetensors_reader import (
     read_header,
 )
 from keras_diffusion.utils.backend import release_freed_memory
-from keras_diffusion.utils.weight_loading import assign_array
+from keras_diffusion.utils.weight_loading import adopt_array, assign_array
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -44,6 +48,9 @@ SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 # (one tensor larger than that gets a shard of its own).
 SHARD_THRESHOLD_BYTES = 4 * 1024**3
 SHARD_BYTES = 2 * 1024**3
+# Where the tensors start in a file we write (tensorflow adopts only memory
+# aligned to 64 bytes).
+DATA_ALIGNMENT = 64
 _NAMES_BY_DTYPE = {np.dtype(t): name for name, t in SAFETENSORS_DTYPES.items()}
 
 
@@ -77,7 +84,19 @@ def _nbytes(variable):
 
 
 def _write_file(path, variables):
-    """One safetensors file of `variables` (name -> variable), in order."""
+    """One safetensors file of `variables` (name -> variable).
+
+    Laid out for loading without a copy (`adopt_array`): the data starts
+    `DATA_ALIGNMENT`-aligned in the file (the header is padded with spaces),
+    and the tensors whose sizes are multiples of it come first, so each of
+    them starts aligned too. safetensors allows no gaps between tensors, so
+    the few of other sizes (a 3-channel bias) go last.
+    """
+    variables = dict(
+        sorted(
+            variables.items(), key=lambda item: _nbytes(item[1]) % DATA_ALIGNMENT != 0
+        )
+    )
     header, offset = {"__metadata__": {"format": "keras_diffusion"}}, 0
     for name, variable in variables.items():
         size = _nbytes(variable)
@@ -88,7 +107,7 @@ def _write_file(path, variables):
         }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    raw += b" " * (-(8 + len(raw)) % DATA_ALIGNMENT)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
@@ -198,23 +217,31 @@ def load_weights(model, folder):
     for path, tensors in by_file.items():
         with open(path, "rb") as f:
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        adopted = False
         try:
             for name, info, data_start in tensors:
-                _assign_mapped(variables[name], mapping, info, data_start)
+                adopted |= _assign_mapped(variables[name], mapping, info, data_start)
         except BaseException:
             with contextlib.suppress(BufferError):  # the error's frames view it
                 mapping.close()
             raise
-        mapping.close()  # a BufferError here: a weight still views the file
+        if not adopted:
+            mapping.close()  # a BufferError here: a weight still views the file
+        # Else the weights that adopted their tensors keep the mapping open;
+        # it closes once the last of them lets go.
     release_freed_memory()
 
 
 def _assign_mapped(variable, mapping, info, data_start):
+    """Give `variable` its tensor from `mapping`; returns whether it adopted
+    the mapped memory itself (`adopt_array`) instead of a copy."""
     begin, end = (data_start + o for o in info["data_offsets"])
     dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
     array = np.frombuffer(
         mapping, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin
     ).reshape(info["shape"])
+    if adopt_array(variable, array):
+        return True
     if not array.flags.aligned:  # after a tensor of odd size in another dtype
         array = array.copy()
     wanted = np.dtype(keras.backend.standardize_dtype(variable.dtype))
@@ -225,3 +252,4 @@ def _assign_mapped(variable, mapping, info, data_start):
     start = begin - begin % mmap.PAGESIZE
     if end > start:
         mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return False
