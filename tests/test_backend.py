@@ -140,3 +140,33 @@ def test_sequential_fori_loop_is_one_iteration_at_a_time_on_tensorflow():
     assert while_ops(sequential_fori_loop) == [1]
     # What it replaces: Keras' loop lets tensorflow start up to 10 at once.
     assert while_ops(ops.fori_loop) == [10]
+
+
+def test_a_function_left_untraced_runs_eagerly_on_tensorflow_only():
+    from keras_diffusion.utils.backend import compile_function
+
+    variable = keras.Variable(np.full((2,), 3.0, "float32"))
+    seen = []
+
+    def fn(x):
+        seen.append(_is_concrete(x))
+        return x * variable
+
+    compiled = compile_function(fn, [variable], trace_on_tensorflow=False)
+    out = compiled(np.ones((2,), "float32"))
+    np.testing.assert_array_equal(ops.convert_to_numpy(out), 3.0)
+    # tensorflow: eager values; jax still traces (jit); torch runs eagerly.
+    assert seen == [keras.backend.backend() != "jax"]
+
+
+def _is_concrete(x):
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    return True

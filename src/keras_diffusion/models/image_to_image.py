@@ -131,12 +131,12 @@ class ImageToImage(RectifiedFlowTraining, Task):
             metrics = [keras.metrics.MeanSquaredError()]
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
-    def _function(self, key, fn, rewrite_passes=1):
+    def _function(self, key, fn, rewrite_passes=1, trace_on_tensorflow=True):
         """`fn` compiled once per key (and per set of backbone variables).
 
         Enabling or merging LoRA changes the backbone's variables; the
         functions compiled for the old set are then dropped.
-        `rewrite_passes`: see `compile_function`.
+        `rewrite_passes`, `trace_on_tensorflow`: see `compile_function`.
         """
         signature = hash(tuple(id(v) for v in self.backbone.variables))
         if signature != self._compiled_signature:
@@ -144,7 +144,10 @@ class ImageToImage(RectifiedFlowTraining, Task):
             self._compiled_signature = signature
         if key not in self._compiled:
             self._compiled[key] = compile_function(
-                fn, self.backbone.variables, rewrite_passes=rewrite_passes
+                fn,
+                self.backbone.variables,
+                rewrite_passes=rewrite_passes,
+                trace_on_tensorflow=trace_on_tensorflow,
             )
         return self._compiled[key]
 

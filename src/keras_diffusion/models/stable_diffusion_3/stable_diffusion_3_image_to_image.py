@@ -105,9 +105,11 @@ class StableDiffusion3ImageToImage(ImageToImage):
         texts = list(negative_prompts) + list(prompts) if use_guidance else prompts
         ids = self.preprocessor.generate_preprocess(texts)
         has_t5 = "t5" in ids and self.backbone.t5 is not None
+        # Eager on tensorflow: a trace costs a first call more than it saves.
         encode = self._function(
             ("encode_text", has_t5),
             lambda *args: self.backbone.encode_text(*args),
+            trace_on_tensorflow=False,
         )
         args = [ids["clip_l"], ids["clip_g"]] + ([ids["t5"]] if has_t5 else [])
         context, pooled = encode(*[distribute_batch(a) for a in args])
