@@ -231,20 +231,20 @@ def adopt_array(variable, array):
 
     Returns whether it adopted: on tensorflow (through DLPack) for an array
     aligned to 64 bytes, as tensorflow requires, and on torch on the CPU;
-    never on jax (Keras' compiled train steps donate the variables' buffers
-    to XLA, which memory it does not own must not be), nor for an array of
-    another dtype or shape than the variable's, or not contiguous.
+    never on jax (Keras' compiled jax train steps donate the variables'
+    buffers to XLA, which must not be handed memory it does not own), nor
+    for an array of another dtype or shape than the variable's, or not
+    contiguous and writable.
 
     Examples:
 
     >>> import numpy as np
     >>> variable = keras.Variable(np.zeros((2, 3), "float32"))
-    >>> array = np.ones((2, 3), "float32")
-    >>> if adopt_array(variable, array):
-    ...     array[0, 0] = 5.0  # the variable shares the memory
-    >>> assign_array(variable, np.full((2, 3), 5.0, "float32"))  # else this
-    >>> float(keras.ops.convert_to_numpy(variable)[0, 0])
-    5.0
+    >>> array = np.arange(6, dtype="float32").reshape(2, 3)
+    >>> if not adopt_array(variable, array):  # jax, or memory it cannot share
+    ...     assign_array(variable, array)
+    >>> keras.ops.convert_to_numpy(variable).tolist()
+    [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     """
     backend = backend_name()
     if (
