@@ -81,6 +81,35 @@ def test_layers_of_another_structure_get_their_own_trace():
 
 
 @pytest.mark.skipif(not TENSORFLOW, reason="shared traces exist on tensorflow only")
+def test_a_layer_alone_of_its_structure_is_called_plainly_given_the_stack():
+    import tensorflow as tf
+
+    layers = _stack(activations=("gelu", "gelu", "relu", "gelu"))
+    x = np.random.default_rng(6).standard_normal((3, 4)).astype("float32")
+
+    def run(stack):
+        @tf.function(autograph=False)
+        def fn(x):
+            call = layer_caller(layers=stack)
+            for layer in layers:
+                x = call(layer, x)
+            return x
+
+        graph = fn.get_concrete_function(tf.TensorSpec((3, 4), "float32")).graph
+        nested = [
+            op
+            for op in graph.get_operations()
+            if op.type in ("PartitionedCall", "StatefulPartitionedCall")
+        ]
+        return len(nested), fn(x).numpy()
+
+    everyone, out_all = run(None)
+    shared_only, out_shared = run(layers)
+    assert (everyone, shared_only) == (4, 3)  # the relu layer runs inline
+    np.testing.assert_array_equal(out_shared, out_all)
+
+
+@pytest.mark.skipif(not TENSORFLOW, reason="shared traces exist on tensorflow only")
 def test_gradients_reach_every_layers_own_weights():
     import tensorflow as tf
 

@@ -34,7 +34,7 @@ import keras
 from keras_diffusion.utils.backend import backend_name
 
 
-def layer_caller(plain_call=None):
+def layer_caller(plain_call=None, layers=None):
     """A `call(layer, *args, **options)` for one pass over a stack of layers.
 
     `plain_call(layer, *args, **options)` is how a layer is called where no
@@ -46,6 +46,10 @@ def layer_caller(plain_call=None):
     variables of the same shapes and dtypes in the same order; `options`
     (Python values, such as MMDiT's `last_token_repeats`) must match too.
     The traces live as long as the caller, one pass of one model call.
+    Given the whole stack as `layers`, a layer whose structure occurs once
+    in it is called plainly: a nested trace only pays where it is shared
+    (`wide`'s two MMDiT blocks differ; its denoising loop then traced in
+    0.39-0.40 s against 0.41-0.42, six traces each in one process, ad hoc).
 
     Examples:
 
@@ -59,13 +63,29 @@ def layer_caller(plain_call=None):
     (2, 4)
     """
     traces = {}
+    structures = {}  # id(layer) -> its structure, worked out once
+    repeated = []  # structures that occur more than once in `layers`
+
+    def structure(layer):
+        if id(layer) not in structures:
+            structures[id(layer)] = _structure(layer)
+        return structures[id(layer)]
+
+    def call_plainly(layer, *args, **options):
+        if plain_call is not None:
+            return plain_call(layer, *args, **options)
+        return layer(*args, **options)
 
     def call(layer, *args, **options):
         if not _in_tensorflow_trace(layer, args):
-            if plain_call is not None:
-                return plain_call(layer, *args, **options)
-            return layer(*args, **options)
-        key = (_structure(layer), repr(sorted(options.items())))
+            return call_plainly(layer, *args, **options)
+        if layers is not None:
+            if not repeated:  # the first call inside a trace counts them
+                counts = collections.Counter(structure(lay) for lay in layers)
+                repeated.append({s for s, n in counts.items() if n > 1})
+            if structure(layer) not in repeated[0]:
+                return call_plainly(layer, *args, **options)
+        key = (structure(layer), repr(sorted(options.items())))
         if key not in traces:
             traces[key] = _traced_with_weights(layer, options)
         return traces[key]([v.value for v in layer.variables], *args)

@@ -258,7 +258,7 @@ class CLIPTextEncoder(keras.layers.Layer):
 
         selected = self.hidden_state_index % (self.num_layers + 1)
         hidden_states = x
-        call = layer_caller()  # layers alike share one trace
+        call = layer_caller(layers=self.encoder_layers)  # alike share a trace
         for i, layer in enumerate(self.encoder_layers):
             x = call(layer, x)
             if i + 1 == selected:

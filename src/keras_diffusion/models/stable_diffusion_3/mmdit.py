@@ -254,7 +254,8 @@ class MMDiT(keras.layers.Layer):
         if not context_embedded:
             context = self.embed_context(context)
         repeats = {"last_token_repeats": int(last_token_repeats)}
-        call_block = layer_caller(call_layer)  # blocks alike share one trace
+        # Blocks alike share one trace.
+        call_block = layer_caller(call_layer, layers=self.blocks)
         for block in self.blocks:
             if block.context_pre_only:
                 x = call_block(block, x, context, conditioning, **repeats)

@@ -268,7 +268,7 @@ class T5Encoder(keras.layers.Layer):
         # all blocks.
         position_bias = self.relative_attention_bias(buckets)
         position_bias = ops.expand_dims(ops.transpose(position_bias, (2, 0, 1)), 0)
-        call = layer_caller()  # layers alike share one trace
+        call = layer_caller(layers=self.encoder_layers)  # alike share a trace
         for layer in self.encoder_layers:
             x = call(layer, x, position_bias)
         return ops.cast(self.final_norm(x), self.compute_dtype)
