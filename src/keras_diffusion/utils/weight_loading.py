@@ -221,8 +221,8 @@ def adopt_array(variable, array):
 
     For a preset's memory-mapped file (`presets/weights_io.py`): the variable
     then reads the file's cached pages, mapped copy-on-write, so loading
-    writes nothing and faults in no fresh memory (on a 0.64 GB model, about
-    155,000 page faults and half of tensorflow's load time), and a write
+    writes nothing and faults in no fresh memory (the page faults of a copy
+    were about half of tensorflow's load: docs/performance.md), and a write
     (`fit`) copies only the pages it touches. The mapping lives as long as
     any variable holds a view of it. This is the safetensors loaders'
     trade-off in torch: the file must not be truncated or rewritten in place

@@ -92,9 +92,13 @@ class StableDiffusion3Backbone(Backbone):
         self._build_components()
         self.built = True
 
+    @property
+    def context_length(self):
+        """Tokens in the context `encode_text` makes: CLIP's, then T5's."""
+        return self.clip_l.max_sequence_length + self.t5_sequence_length
+
     def _build_components(self):
-        seq = self.clip_l.max_sequence_length
-        self.clip_l.build((None, seq))
+        self.clip_l.build((None, self.clip_l.max_sequence_length))
         self.clip_g.build((None, self.clip_g.max_sequence_length))
         if self.t5 is not None:
             self.t5.build((None, self.t5_sequence_length))
@@ -102,7 +106,7 @@ class StableDiffusion3Backbone(Backbone):
         self.vae.build((None, 8 * f, 8 * f, 3))
         self.mmdit.build(
             (None, 8, 8, self.latent_channels),
-            (None, seq + self.t5_sequence_length, self.context_dim),
+            (None, self.context_length, self.context_dim),
             (None, self.mmdit.pooled_dim),
             (None,),
         )
@@ -180,10 +184,9 @@ class StableDiffusion3Backbone(Backbone):
         with 1.
         """
         zeros = 0 if t5_ran else self.t5_sequence_length
-        full = self.clip_l.max_sequence_length + self.t5_sequence_length
-        if zeros <= 1 or context.shape[1] != full:
+        if zeros <= 1 or context.shape[1] != self.context_length:
             return context, 1
-        return context[:, : full - zeros + 1], zeros
+        return context[:, : self.context_length - zeros + 1], zeros
 
     def encode_image(self, images):
         """Images in [-1, 1] -> VAE posterior (mean, log_variance)."""
