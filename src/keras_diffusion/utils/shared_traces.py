@@ -64,7 +64,7 @@ def layer_caller(plain_call=None, layers=None):
     """
     traces = {}
     structures = {}  # id(layer) -> its structure, worked out once
-    repeated = []  # structures that occur more than once in `layers`
+    repeated = None  # structures occurring more than once in `layers`
 
     def structure(layer):
         if id(layer) not in structures:
@@ -77,13 +77,14 @@ def layer_caller(plain_call=None, layers=None):
         return layer(*args, **options)
 
     def call(layer, *args, **options):
+        nonlocal repeated
         if not _in_tensorflow_trace(layer, args):
             return call_plainly(layer, *args, **options)
         if layers is not None:
-            if not repeated:  # the first call inside a trace counts them
+            if repeated is None:  # the first call inside a trace counts them
                 counts = collections.Counter(structure(lay) for lay in layers)
-                repeated.append({s for s, n in counts.items() if n > 1})
-            if structure(layer) not in repeated[0]:
+                repeated = {s for s, n in counts.items() if n > 1}
+            if structure(layer) not in repeated:
                 return call_plainly(layer, *args, **options)
         key = (structure(layer), repr(sorted(options.items())))
         if key not in traces:
